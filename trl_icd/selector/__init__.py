@@ -1,0 +1,13 @@
+"""The ICD selector: a pointer policy packaged as a Hugging Face causal LM that TRL samples and scores exactly."""
+
+from .configuration import ICDSelectorConfig  # noqa: F401  (registers AutoConfig)
+from .modeling import ICDSelectorForCausalLM  # noqa: F401  (registers AutoModelForCausalLM)
+from .tokenization import build_selector_tokenizer, parse_selection, selector_prompt  # noqa: F401
+
+__all__ = [
+    "ICDSelectorConfig",
+    "ICDSelectorForCausalLM",
+    "build_selector_tokenizer",
+    "parse_selection",
+    "selector_prompt",
+]
