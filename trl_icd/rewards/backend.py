@@ -36,3 +36,23 @@ class RewardBackend(ABC):
     ) -> tuple[list[str], list[list[float]]]:
         """Both at once; the default makes two calls, fast backends share the prefill."""
         return self.answer(prompts), self.answer_logprob(prompts, answers)
+
+
+class PartialBatchError(RuntimeError):
+    """Raised by a backend whose batch failed on some rows only, carrying the other rows' results, so callers
+    keep them instead of re-scoring (remote backends: one failed request must not cost the batch).
+
+    `answers[i]` / `logprobs[i]` are None exactly for the rows in `errors` (row index -> exception).
+    """
+
+    def __init__(
+        self,
+        answers: Sequence[str | None],
+        logprobs: Sequence[Sequence[float] | None],
+        errors: dict[int, BaseException],
+    ):
+        first = next(iter(errors.items()), (None, None))
+        super().__init__(f"{len(errors)} of {len(answers)} rows failed; first: row {first[0]}: {first[1]!r}")
+        self.answers = list(answers)
+        self.logprobs = list(logprobs)
+        self.errors = dict(errors)

@@ -1,0 +1,151 @@
+"""Train an ICD selector with GRPO (optionally after an RCE warm-up) and, for the demo world, evaluate it.
+
+    python examples/train_okvqa.py --config recipes/demo/cpu.yaml                 # offline demo, CPU, minutes
+    accelerate launch --config_file recipes/accelerate_configs/zero2.yaml \\
+        examples/train_okvqa.py --config recipes/okvqa/plan5.yaml                   # OK-VQA, research plan 5
+
+Every option lives in a dataclass (`--help` lists them all): the data/pool options and the reward backend
+(`trl_icd.pipeline`), the selector architecture, the RCE warm-up, the script switches below, TRL's `ModelConfig`
+(`model_name_or_path` = the selector checkpoint to start from; PEFT options) and `ICDGRPOConfig`.
+
+The KL reference policy is the policy this run starts from (after the warm-up, or the loaded checkpoint): it is
+saved to `<output_dir>/start_policy` and GRPO loads its reference from there. A resumed run keeps that saved start
+policy, so resuming never changes the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+from trl import ModelConfig, TrlParser
+
+from trl_icd import ICDGRPOConfig
+from trl_icd.pipeline import (
+    DataArguments,
+    RCEArguments,
+    RewardArguments,
+    SelectorArguments,
+    build_pools,
+    build_reward,
+    build_selector_training_dataset,
+    load_data,
+    load_or_build_selector,
+    run_demo_evaluation,
+    run_rce_warmup,
+    save_policy,
+    training_query_ids,
+)
+
+logger = logging.getLogger("train_okvqa")
+
+START_POLICY_DIR = "start_policy"
+
+
+@dataclass
+class TrainScriptArguments:
+    """Switches of this script."""
+
+    run_grpo: bool = field(default=True, metadata={"help": "Run GRPO (False: RCE warm-up only, research plan 10)."})
+    evaluate: bool = field(
+        default=False,
+        metadata={
+            "help": "After training, evaluate random / image_sim / text_sim / the trained selector / the oracle on "
+            "held-out queries (demo world: writes eval_results.json, the table and the training-curve plot)."
+        },
+    )
+    eval_shots: int = field(
+        default=2, metadata={"help": "Number of demonstrations the baselines pick in the end-of-run evaluation."}
+    )
+
+
+def make_parser() -> TrlParser:
+    return TrlParser(
+        (TrainScriptArguments, DataArguments, RewardArguments, SelectorArguments, RCEArguments, ICDGRPOConfig, ModelConfig)
+    )
+
+
+def _resume_target(training_args) -> str | bool | None:
+    value = training_args.resume_from_checkpoint
+    if isinstance(value, str) and value.lower() in ("true", "last"):
+        return True
+    if isinstance(value, str) and value.lower() in ("false", "none", ""):
+        return None
+    return value
+
+
+def main(argv: list[str] | None = None) -> dict:
+    script_args, data_args, reward_args, selector_args, rce_args, training_args, model_args = (
+        make_parser().parse_args_and_config(argv)
+    )
+    logging.basicConfig(
+        level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+    )
+    os.makedirs(training_args.output_dir, exist_ok=True)
+    resume = _resume_target(training_args)
+
+    data = load_data(data_args)
+    query_ids = training_query_ids(data, data_args)
+    pools = build_pools(data, data_args, query_ids)
+    logger.info("%d training queries, pools of %d (%s)", len(query_ids), data_args.pool_size, data_args.pool_method)
+
+    start_dir = os.path.join(training_args.output_dir, START_POLICY_DIR)
+    if resume and os.path.isdir(start_dir):
+        # The run already fixed its start policy (after any warm-up): keep it as the reference.
+        model, tokenizer = load_or_build_selector(start_dir, data, data_args, selector_args)
+    else:
+        model, tokenizer = load_or_build_selector(model_args.model_name_or_path, data, data_args, selector_args)
+        if rce_args.rce_data_path:
+            model = run_rce_warmup(model, tokenizer, data, data_args, reward_args, rce_args, training_args)
+        if training_args.process_index == 0:
+            save_policy(model, tokenizer, start_dir)
+        training_args_sync(training_args)
+        model, tokenizer = load_or_build_selector(start_dir, data, data_args, selector_args)
+
+    if script_args.run_grpo:
+        from trl.trainer.utils import get_peft_config
+
+        from trl_icd import ICDGRPOTrainer
+
+        reward = build_reward(data, reward_args, tokenizer=tokenizer, max_shots=model.config.max_shots)
+        dataset = build_selector_training_dataset(data, pools, tokenizer)
+        trainer = ICDGRPOTrainer(
+            model=model,
+            reward_funcs=[reward],
+            args=training_args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=get_peft_config(model_args),
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model(training_args.output_dir)
+        model = trainer.model
+        log_history = trainer.state.log_history
+    else:
+        if training_args.process_index == 0:
+            save_policy(model, tokenizer, training_args.output_dir)
+        log_history = []
+
+    results = {}
+    if script_args.evaluate and training_args.process_index == 0:
+        results = run_demo_evaluation(
+            model, tokenizer, data, data_args, reward_args, training_args.output_dir, log_history,
+            shots=script_args.eval_shots,
+        )
+        print(json.dumps(results, indent=2))
+    return results
+
+
+def training_args_sync(training_args) -> None:
+    """Wait until the main process has written the start policy (no-op in a single process)."""
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,124 @@
+"""Training configurations: TRL's config dataclasses extended with the fields this package adds. Every field has help
+text, so `TrlParser`, `HfArgumentParser` and YAML recipes see it."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+from .advantages import ADVANTAGE_MODES
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ICDGRPOConfig"]
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class ICDGRPOConfig(GRPOConfig):
+    """`GRPOConfig` plus the group-advantage settings and the adaptive KL coefficient of `ICDGRPOTrainer`.
+
+    The advantage fields replace TRL's `scale_rewards` normalisation (`advantage_mode="mean"` is TRL's
+    `scale_rewards="none"`, `"batch"` its `"batch"`); reward weights and `multi_objective_aggregation` still apply.
+    """
+
+    advantage_mode: str = field(
+        default="zscore",
+        metadata={
+            "help": "How rewards become advantages within each group of `num_generations` completions: 'zscore' "
+            "((r - mean) / max(std, advantage_min_std)), 'rank' (tie-aware within-group rank mapped to [-1, 1]), "
+            "'mean' (r - mean, Dr. GRPO), 'batch' (group mean, batch std), 'rloo' (leave-one-out mean), or any mode "
+            "registered with `trl_icd.register_advantage`."
+        },
+    )
+    advantage_min_std: float = field(
+        default=0.1,
+        metadata={
+            "help": "Floor of the std the 'zscore' and 'batch' modes divide by, so a group whose rewards differ by "
+            "almost nothing does not get unit-size advantages. 0 disables the floor."
+        },
+    )
+    advantage_clip: float | None = field(
+        default=5.0,
+        metadata={"help": "Advantages are clipped to [-advantage_clip, advantage_clip]; null/None disables clipping."},
+    )
+    adaptive_kl: bool = field(
+        default=False,
+        metadata={
+            "help": "Adapt the KL coefficient `beta` after every optimiser step: multiply it by `adaptive_kl_factor` "
+            "when the measured KL exceeds `adaptive_kl_upper`, divide it when the KL is below `adaptive_kl_lower`, "
+            "then clamp it to [adaptive_kl_beta_min, adaptive_kl_beta_max]. Needs `beta` > 0 (the starting value)."
+        },
+    )
+    adaptive_kl_lower: float = field(
+        default=0.01, metadata={"help": "Lower end of the target KL band: below it, beta is divided by the factor."}
+    )
+    adaptive_kl_upper: float = field(
+        default=0.1, metadata={"help": "Upper end of the target KL band: above it, beta is multiplied by the factor."}
+    )
+    adaptive_kl_factor: float = field(
+        default=1.5, metadata={"help": "Multiplicative step of the adaptive KL coefficient (> 1)."}
+    )
+    adaptive_kl_beta_min: float = field(
+        default=0.001, metadata={"help": "Smallest value the adaptive KL coefficient may take (> 0)."}
+    )
+    adaptive_kl_beta_max: float = field(
+        default=10.0, metadata={"help": "Largest value the adaptive KL coefficient may take."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        _require(
+            self.advantage_mode in ADVANTAGE_MODES,
+            f"Unknown advantage_mode {self.advantage_mode!r}. Valid modes: {', '.join(sorted(ADVANTAGE_MODES))} "
+            "(register new ones with trl_icd.register_advantage before building the config).",
+        )
+        _require(
+            _is_number(self.advantage_min_std) and self.advantage_min_std >= 0,
+            f"advantage_min_std must be a finite number >= 0, got {self.advantage_min_std!r}.",
+        )
+        _require(
+            self.advantage_clip is None or (_is_number(self.advantage_clip) and self.advantage_clip > 0),
+            f"advantage_clip must be None (no clipping) or a number > 0, got {self.advantage_clip!r}.",
+        )
+        _require(
+            _is_number(self.adaptive_kl_lower) and _is_number(self.adaptive_kl_upper)
+            and 0 <= self.adaptive_kl_lower < self.adaptive_kl_upper,
+            "The adaptive KL band needs 0 <= adaptive_kl_lower < adaptive_kl_upper, got "
+            f"{self.adaptive_kl_lower!r} and {self.adaptive_kl_upper!r}.",
+        )
+        _require(
+            _is_number(self.adaptive_kl_factor) and self.adaptive_kl_factor > 1,
+            f"adaptive_kl_factor must be > 1, got {self.adaptive_kl_factor!r}.",
+        )
+        _require(
+            _is_number(self.adaptive_kl_beta_min) and _is_number(self.adaptive_kl_beta_max)
+            and 0 < self.adaptive_kl_beta_min <= self.adaptive_kl_beta_max,
+            "The adaptive KL bounds need 0 < adaptive_kl_beta_min <= adaptive_kl_beta_max, got "
+            f"{self.adaptive_kl_beta_min!r} and {self.adaptive_kl_beta_max!r}.",
+        )
+        if self.adaptive_kl:
+            _require(
+                self.adaptive_kl_beta_min <= self.beta <= self.adaptive_kl_beta_max,
+                f"adaptive_kl=True starts from beta={self.beta!r}, which must lie in [adaptive_kl_beta_min, "
+                f"adaptive_kl_beta_max] = [{self.adaptive_kl_beta_min}, {self.adaptive_kl_beta_max}] (with beta=0 TRL "
+                "loads no reference model and computes no KL).",
+            )
+        if self.scale_rewards != "group":
+            logger.warning(
+                "scale_rewards=%r has no effect with ICDGRPOTrainer: advantage_mode=%r decides the normalisation "
+                "(use advantage_mode='mean' for scale_rewards='none', 'batch' for 'batch').",
+                self.scale_rewards,
+                self.advantage_mode,
+            )
