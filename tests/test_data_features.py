@@ -87,7 +87,8 @@ def test_fallback_image_features_see_colour_and_shape(shapes_corpus):
     similarity = table.image @ table.image.T
     items = list(shapes_corpus)
     for a in items:
-        same = [b for b in items if b.id != a.id and (b.meta["shape"], b.meta["colour"]) == (a.meta["shape"], a.meta["colour"])]
+        concept = (a.meta["shape"], a.meta["colour"])
+        same = [b for b in items if b.id != a.id and (b.meta["shape"], b.meta["colour"]) == concept]
         other_colour = [b for b in items if b.meta["shape"] == a.meta["shape"] and b.meta["colour"] != a.meta["colour"]]
         other_shape = [b for b in items if b.meta["shape"] != a.meta["shape"] and b.meta["colour"] == a.meta["colour"]]
         best_same = max(similarity[a.id, b.id] for b in same)

@@ -57,11 +57,13 @@ def test_local_loader_split_selection_and_image_root(okvqa, tmp_path):
         load_okvqa(okvqa, splits=["val", "val"])
 
 
-def _copy_split(src, dst, split="val", prefix=""):
-    for name in (f"{prefix}OpenEnded_mscoco_{split}2014_questions.json", f"{prefix}mscoco_{split}2014_annotations.json"):
+def _copy_split(src, dst, split="val"):
+    """Copy one split's JSON files to `dst` with an empty image folder; returns the two file paths."""
+    names = (f"OpenEnded_mscoco_{split}2014_questions.json", f"mscoco_{split}2014_annotations.json")
+    for name in names:
         (dst / name).write_bytes((src / name).read_bytes())
     (dst / f"{split}2014").mkdir(exist_ok=True)
-    return dst / f"{prefix}OpenEnded_mscoco_{split}2014_questions.json", dst / f"{prefix}mscoco_{split}2014_annotations.json"
+    return dst / names[0], dst / names[1]
 
 
 def test_local_loader_errors(okvqa, tmp_path):

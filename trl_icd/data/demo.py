@@ -44,7 +44,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (224, 160, 32),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross")
-BACKGROUNDS: tuple[tuple[int, int, int], ...] = ((224, 224, 160), (96, 96, 96), (160, 160, 224), (96, 160, 160))
+# Backgrounds differ in brightness from every object colour by >= 30 grey levels, so shape edges stay visible.
+BACKGROUNDS: tuple[tuple[int, int, int], ...] = ((232, 232, 232), (24, 24, 24), (24, 24, 96), (240, 224, 200))
 
 READABLE_TYPES = ("colour", "shape")
 KNOWLEDGE_TYPES = ("name", "origin")
@@ -120,7 +121,7 @@ class DemoWorldConfig:
         default=3, metadata={"help": "Fewest annotators (of 10) giving the canonical answer; it always leads."}
     )
     rotation_degrees: float = field(default=10.0, metadata={"help": "Largest random rotation of a shape."})
-    shade_jitter: int = field(default=24, metadata={"help": "Largest per-channel shift of the object colour (< 32)."})
+    shade_jitter: int = field(default=20, metadata={"help": "Largest per-channel shift of the object colour (< 32)."})
     pixel_noise: int = field(default=8, metadata={"help": "Amplitude of per-pixel noise."})
 
     def __post_init__(self):

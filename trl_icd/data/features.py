@@ -169,7 +169,8 @@ class FeatureTable:
         mode = "r" if mmap else None
         image = np.load(path / _IMAGE_FILE, mmap_mode=mode)
         text = np.load(path / _TEXT_FILE, mmap_mode=mode)
-        expected = {"image": (header["num_items"], header["image_dim"]), "text": (header["num_items"], header["text_dim"])}
+        num_items = header["num_items"]
+        expected = {"image": (num_items, header["image_dim"]), "text": (num_items, header["text_dim"])}
         for name, array in (("image", image), ("text", text)):
             if tuple(array.shape) != tuple(expected[name]) or array.dtype != np.float32:
                 raise ValueError(f"{path}/{name}.npy: {array.shape} {array.dtype}, expected {expected[name]} float32")

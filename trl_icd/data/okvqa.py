@@ -103,7 +103,8 @@ def load_vqa_local(
     questions = _read_json(questions_file, "questions")
     annotations = _read_json(annotations_file, "annotations")
     if not image_dir.is_dir():
-        raise FileNotFoundError(f"missing image folder {image_dir} (expected {image_file.format(split=split, image_id=0)} etc.)")
+        example = image_file.format(split=split, image_id=0)
+        raise FileNotFoundError(f"missing image folder {image_dir} (expected {example} etc.)")
 
     question_by_id: dict[int, dict] = {}
     for n, q in enumerate(questions):

@@ -113,9 +113,7 @@ def random_pools(pool: PoolSpace, queries: QueryBatch, k: int, seed: int, **opti
     return out
 
 
-def _nearest(
-    scores: torch.Tensor, excluded: Sequence[np.ndarray], k: int
-) -> list[np.ndarray]:
+def _nearest(scores: torch.Tensor, excluded: Sequence[np.ndarray], k: int) -> list[np.ndarray]:
     """Per query (row of `scores`, `[queries, pool]`), the k eligible pool positions of highest score, best first,
     ties broken by pool position. Every item tied with the boundary score is considered, so the result does not
     depend on `topk`'s arbitrary choice among equal scores (identical features, e.g. questions sharing an image,
@@ -209,7 +207,6 @@ def mix_pools(
             take(name, k - len(chosen))
         out.append(np.asarray(chosen, dtype=np.int64))
     return out
-
 
 
 def build_pool_space(corpus: Corpus, features: FeatureTable, pool_ids: Sequence[Hashable]) -> PoolSpace:

@@ -42,7 +42,8 @@ class PartialBatchError(RuntimeError):
     """Raised by a backend whose batch failed on some rows only, carrying the other rows' results, so callers
     keep them instead of re-scoring (remote backends: one failed request must not cost the batch).
 
-    `answers[i]` / `logprobs[i]` are None exactly for the rows in `errors` (row index -> exception).
+    `answers[i]` / `logprobs[i]` are None for the rows in `errors` (row index -> exception), and for every row in
+    the list a call does not compute (the log-probs of an `answer` call, the answers of an `answer_logprob` call).
     """
 
     def __init__(

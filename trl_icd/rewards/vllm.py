@@ -256,7 +256,8 @@ class VLLMBackend(RewardBackend):
         run = self._run_server if self.base_url is not None else self._run_engine
         replies, scores, errors = run(prompts, answers, want_answers)
         if errors:
-            raise PartialBatchError(replies, scores, errors)
+            none = [None] * len(prompts)
+            raise PartialBatchError(replies, scores if scores is not None else none, errors)
         return replies, scores
 
     # ------------------------------------------------------------------------------------------- shared pieces
@@ -315,6 +316,15 @@ class VLLMBackend(RewardBackend):
             if answers is not None:
                 scores[row] = [float("nan")] * len(answers[row])
         with ThreadPoolExecutor(max_workers=self.max_workers) as pool:
+            if answers is not None:  # one /tokenize round per distinct string, before the requests that need it
+                strings = {a for row, cands in enumerate(answers) if row not in errors for a in cands if a}
+                if self.include_end or any(a == "" for cands in answers for a in cands):
+                    strings.add(self.end_token)
+                for string, future in [(s, pool.submit(self._token_ids, s)) for s in sorted(strings)]:
+                    try:
+                        future.result()
+                    except Exception:  # noqa: BLE001  (reported by the rows that need it)
+                        logger.debug("tokenizing %r failed", string, exc_info=True)
             futures = [(row, k, pool.submit(request)) for row, k, request in tasks]
             for row, k, future in futures:
                 try:

@@ -1,0 +1,57 @@
+"""Trains ICDGRPOTrainer for two steps on a global batch of 12 rows (3 groups of 4) and writes what each process saw.
+
+Run with one process (`python tests/icd_grpo_distributed_run.py OUT_DIR`) or two
+(`torchrun --standalone --nproc_per_node 2 tests/icd_grpo_distributed_run.py OUT_DIR`): with two, each process holds
+6 rows, so the middle group is split across the processes. `test_trainer_distributed.py` compares the two runs."""
+
+import json
+import os
+import sys
+
+import torch
+from _icd_grpo_helpers import BASE_CONFIG, RecordingTrainer, parity_reward, position_reward, prompt_dataset, tiny_policy
+
+from trl_icd import ICDGRPOConfig
+
+GLOBAL_BATCH = 12
+
+
+def main(out_dir: str) -> None:
+    torch.set_num_threads(1)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    model, tokenizer = tiny_policy()
+    policy_dir = os.path.join(out_dir, f"policy-rank{rank}")
+    model.save_pretrained(policy_dir)  # beta > 0: TRL builds the reference model from a path
+    trainer = RecordingTrainer(
+        model=policy_dir,
+        reward_funcs=[position_reward, parity_reward],
+        args=ICDGRPOConfig(
+            **dict(BASE_CONFIG, output_dir=os.path.join(out_dir, "trainer")),
+            per_device_train_batch_size=GLOBAL_BATCH // world_size,
+            max_steps=2,
+            advantage_mode="zscore",
+            reward_weights=[1.0, 0.5],
+            beta=0.04,
+            adaptive_kl=True,
+        ),
+        train_dataset=prompt_dataset(6),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    records = [
+        {
+            "prompts": r["prompts"],
+            "rewards_per_func": r["rewards_per_func"].tolist(),
+            "local_advantages": r["local_advantages"].tolist(),
+            "loss_advantages": torch.cat(r["loss_advantages"]).tolist(),
+            "beta": r["beta"],
+        }
+        for r in trainer.records
+    ]
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"world_size": world_size, "rank": rank, "records": records, "final_beta": trainer.beta}, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
