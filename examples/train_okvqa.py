@@ -53,12 +53,9 @@ class TrainScriptArguments:
     evaluate: bool = field(
         default=False,
         metadata={
-            "help": "After training, evaluate random / image_sim / text_sim / the trained selector / the oracle on "
-            "held-out queries (demo world: writes eval_results.json, the table and the training-curve plot)."
+            "help": "After training, evaluate zero-shot, random, image_sim, text_sim, the trained selector and the "
+            "oracle on the held-out demo queries; writes eval_results.json, eval_table.md and the plots."
         },
-    )
-    eval_shots: int = field(
-        default=2, metadata={"help": "Number of demonstrations the baselines pick in the end-of-run evaluation."}
     )
 
 
@@ -78,6 +75,8 @@ def _resume_target(training_args) -> str | bool | None:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run the pipeline; returns where things went (`output_dir`, `start_policy`, `reference_policy`, ...) and, with
+    `--evaluate`, the evaluation results."""
     script_args, data_args, reward_args, selector_args, rce_args, training_args, model_args = (
         make_parser().parse_args_and_config(argv)
     )
@@ -106,6 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
         training_args_sync(training_args)
         model, tokenizer = load_or_build_selector(start_dir, data, data_args, selector_args)
 
+    run = {"output_dir": training_args.output_dir, "start_policy": start_dir, "reference_policy": None}
     if script_args.run_grpo:
         from trl.trainer.utils import get_peft_config
 
@@ -123,21 +123,24 @@ def main(argv: list[str] | None = None) -> dict:
         )
         trainer.train(resume_from_checkpoint=resume)
         trainer.save_model(training_args.output_dir)
+        if training_args.process_index == 0:
+            tokenizer.save_pretrained(training_args.output_dir)
         model = trainer.model
         log_history = trainer.state.log_history
+        run["global_step"] = trainer.state.global_step
+        if trainer.ref_model is not None:
+            run["reference_policy"] = trainer.ref_model.config._name_or_path
     else:
         if training_args.process_index == 0:
             save_policy(model, tokenizer, training_args.output_dir)
         log_history = []
 
-    results = {}
     if script_args.evaluate and training_args.process_index == 0:
-        results = run_demo_evaluation(
-            model, tokenizer, data, data_args, reward_args, training_args.output_dir, log_history,
-            shots=script_args.eval_shots,
+        run["eval_results"] = run_demo_evaluation(
+            model, tokenizer, data, data_args, reward_args, training_args.output_dir, log_history
         )
-        print(json.dumps(results, indent=2))
-    return results
+        print(json.dumps(run["eval_results"], indent=2))
+    return run
 
 
 def training_args_sync(training_args) -> None:

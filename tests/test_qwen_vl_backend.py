@@ -15,6 +15,16 @@ ATOL = 1e-4  # fp32 batched-vs-single tolerance (measured max 1e-5)
 LAYOUT = [(0, 4), (1, 0), (2, 2), (3, 1), (4, 3), (5, 0), (6, 4), (7, 2)]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's ops are microseconds long: a second thread only adds synchronisation (15x slower on a busy
+    2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def corpus():
     # Three image sizes -> three different image-token counts in one batch.
@@ -174,4 +184,4 @@ def test_input_sensitivity(tiny, corpus, prompts, gold):
     moved_demo = np.abs(np.array(make_backend(tiny).answer_logprob(swapped_demo, answers)) - base)
     with_demos = [i for i, p in enumerate(prompts) if p.num_shots > 0]
     assert moved_demo[with_demos].max() > 0.5
-    assert np.all(moved_demo[[i for i, p in enumerate(prompts) if p.num_shots == 0]] == 0)
+    assert np.all(moved_demo[[i for i, p in enumerate(prompts) if p.num_shots == 0]] < ATOL)

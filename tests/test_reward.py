@@ -32,7 +32,7 @@ def test_rewards_and_components_hand_computed():
     rewards = call(reward, ["2, 4", "1", "[6 0]"], [0, 0, 2])
     # row 0: demos blue(colour q), red(colour q) -> answers "red": correct for the red query
     first = reward.last_components[0]
-    assert first["answer"] == "red" and first["demo_ids"] == [2, 4]
+    assert first["answer"] == "red" and first["demo_ids"] == [2, 4] and first["query_id"] == 0
     assert (first["hard"], first["soft"], first["rel"]) == (1.0, 1.0, 1.0)
     assert first["gt_prob"] == pytest.approx(red_query_gt_prob(2))
     # row 1: the only demo asks another question -> "unknown": wrong
@@ -310,3 +310,41 @@ def test_prompt_format_must_agree_with_the_backend():
     InContextReward(colour_corpus(), backend, prompt_format=PromptFormat())
     with pytest.raises(ValueError, match="prompt format"):
         InContextReward(colour_corpus(), backend, prompt_format=PromptFormat(template="Q:{q} A:{a}"))
+
+
+def test_selector_completions_are_decoded_with_parse_selection():
+    from trl_icd.selector import ICDSelectorConfig, build_selector_tokenizer
+
+    tokenizer = build_selector_tokenizer(ICDSelectorConfig(num_items=12, num_slots=4, min_shots=1, max_shots=3))
+    slot = {k: tokenizer.convert_tokens_to_ids(f"<slot_{k}>") for k in range(4)}
+    stop, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    backend = FakeBackend()
+    reward = InContextReward(colour_corpus(), backend, tokenizer=tokenizer)
+    pool = [6, 2, 4]  # slot k names pool[k]
+    completion_ids = [
+        [slot[1], slot[2], stop],  # demos 2, 4 -> "red": correct
+        [slot[2], slot[1], stop, pad],  # demos 4, 2 -> "blue": wrong
+        [slot[3], stop],  # an empty slot (the pool has 3 candidates)
+        [slot[0], slot[0], stop],  # a repeat
+        [slot[0], slot[1]],  # no <stop>: truncated
+    ]
+    rewards = reward(prompts=["p"] * 5, completions=["<text ignored>"] * 5, completion_ids=completion_ids,
+                     query_id=[0] * 5, candidate_ids=[pool] * 5)
+    assert reward.last_statuses == ["ok", "ok"] + ["invalid_selection"] * 3
+    assert rewards == [2.0, 0.0, 0.0, 0.0, 0.0]
+    assert [c["demo_ids"] for c in reward.last_components[:2]] == [[2, 4], [4, 2]]
+    # without completion_ids the decoded text names the same slots
+    assert reward(prompts=["p"], completions=["<slot_1> <slot_2>"], query_id=[0], candidate_ids=[pool]) == [2.0]
+    # the pool is checked too: a selector fed a pool holding its own query must not leak the answer
+    assert reward(prompts=["p"], completions=["<slot_0>"], query_id=[0], candidate_ids=[[0, 2]]) == [0.0]
+    assert reward.last_statuses == ["query_as_demo"]
+
+
+def test_queries_without_gold_answers_cannot_be_scored():
+    corpus = Corpus.concat(colour_corpus(), Corpus.from_records(
+        [{"id": 20, "image": colour_image("red"), "question": "q", "answers": []}]))
+    reward = InContextReward(corpus, FakeBackend())
+    assert call(reward, ["2", "2"], [20, 0]) == [None, 0.0]
+    assert reward.last_statuses == ["no_gold_answers", "ok"]
+    with pytest.raises(ValueError, match="without gold answers"):
+        reward.score_pairs([(20, [2])])

@@ -64,7 +64,9 @@ def reference_sum(rewards_per_func, weights):
     return rows
 
 
-def make_trainer(tmp_path, reward_funcs=(position_reward, completion_reward), model=None, tokenizer=None, **overrides):
+def make_trainer(
+    tmp_path, reward_funcs=(position_reward, completion_reward), model=None, tokenizer=None, peft_config=None, **overrides
+):
     if model is None:
         model, tokenizer = tiny_policy()
     config = dict(BASE_CONFIG, output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=2)
@@ -75,6 +77,7 @@ def make_trainer(tmp_path, reward_funcs=(position_reward, completion_reward), mo
         args=ICDGRPOConfig(**config),
         train_dataset=prompt_dataset(),
         processing_class=tokenizer,
+        peft_config=peft_config,
     )
 
 
@@ -285,3 +288,49 @@ def test_trainer_rejects_a_plain_grpo_config(tmp_path):
     model, tokenizer = tiny_policy()
     with pytest.raises(TypeError, match="ICDGRPOConfig"):
         ICDGRPOTrainer(model=model, reward_funcs=[position_reward], args=GRPOConfig(output_dir=str(tmp_path), use_cpu=True))
+
+
+# --- other policies: a vision-language model, a LoRA adapter -----------------------------------------------------
+
+
+def test_vision_language_policy(tmp_path):
+    from datasets import Dataset
+
+    from trl_icd.testing.qwen_vl import synthetic_image, tiny_qwen2_5_vl
+
+    model, processor = tiny_qwen2_5_vl()
+    colours = ["red", "green", "blue", "yellow"]
+    dataset = Dataset.from_dict(
+        {
+            "prompt": [
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Question {i}: colour?"}]}]
+                for i in range(4)
+            ],
+            "image": [synthetic_image(colours[i], "circle", (56, 56), seed=i) for i in range(4)],
+        }
+    )
+    config = dict(BASE_CONFIG, output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=1)
+    trainer = RecordingTrainer(
+        model=model,
+        reward_funcs=[position_reward, completion_reward],
+        args=ICDGRPOConfig(**config, advantage_mode="rank"),
+        train_dataset=dataset,
+        processing_class=processor,
+    )
+    trainer.train()
+    record = trainer.records[0]
+    expected = reference_advantages(reference_sum(record["rewards_per_func"], [1.0, 1.0]), 4, "rank")
+    torch.testing.assert_close(record["local_advantages"], expected)
+    assert sorted(torch.cat(record["loss_advantages"]).tolist()) == pytest.approx(sorted(expected.tolist()))
+
+
+def test_peft_policy(tmp_path):
+    from peft import LoraConfig
+
+    trainer = make_trainer(
+        tmp_path, peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), advantage_mode="rloo", max_steps=1
+    )
+    trainer.train()
+    record = trainer.records[0]
+    expected = reference_advantages(reference_sum(record["rewards_per_func"], [1.0, 1.0]), 4, "rloo")
+    torch.testing.assert_close(record["local_advantages"], expected)

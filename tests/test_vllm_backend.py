@@ -201,11 +201,11 @@ def test_server_answers_and_logprobs_match_an_independent_computation(server, st
     fmt = PromptFormat()
     backend = VLLMBackend("tiny-vl", base_url(server), max_pixels=112 * 112, retry_backoff=0.01)
     prompts = prompts_of(corpus, [(0, [2, 5]), (1, []), (6, [3, 8, 1, 9])])
-    answers = [["red", "redish", "square"], ["green"], ["blue", ""]]
+    answers = [["red", "redish", "square"], ["green"], ["blue", "", " blue "]]
     replies, scores = backend.answer_and_logprob(prompts, answers)
     assert replies == ["red", "green", "blue"]  # the query image decides; the reply is cut at ", "
     for prompt, cands, got in zip(prompts, answers, scores):
-        assert got == pytest.approx([expected_logprob(fmt, prompt, a) for a in cands], abs=1e-9)
+        assert got == pytest.approx([expected_logprob(fmt, prompt, a.strip()) for a in cands], abs=1e-9)
     assert scores[0][0] != pytest.approx(scores[0][1])
     assert backend.answer(prompts) == replies
     assert backend.answer_logprob(prompts, answers) == scores

@@ -285,12 +285,14 @@ def advantage_stats(
     lowest = grouped.nan_to_num(nan=math.inf).amin(dim=1)
     no_contrast = (count < 2) | (highest == lowest)
     within_std = group_std(grouped).squeeze(1)
-    within_std = within_std[~torch.isnan(within_std)]
-    return {
-        "advantages/std": advantages.std().item() if advantages.numel() > 1 else float("nan"),
-        "advantages/mean": advantages.mean().item(),
-        "advantages/max_abs": advantages.abs().max().item(),
-        "rewards/within_group_std": within_std.mean().item() if within_std.numel() else float("nan"),
-        "frac_reward_zero_std": no_contrast.double().mean().item(),
-        "frac_unscorable": torch.isnan(rewards).double().mean().item(),
-    }
+    values = torch.stack(
+        [
+            advantages.std() if advantages.numel() > 1 else advantages.new_tensor(float("nan")),
+            advantages.mean(),
+            advantages.abs().max(),
+            torch.nanmean(within_std),  # NaN when no group has two scorable rows
+            no_contrast.double().mean(),
+            torch.isnan(grouped).double().mean(),
+        ]
+    )
+    return dict(zip(_STAT_NAMES, values.tolist(), strict=True))

@@ -100,7 +100,9 @@ class RewardArguments:
     reward_model_name_or_path: str = field(
         default="Qwen/Qwen2.5-VL-3B-Instruct", metadata={"help": "The VLM (Hub id or local folder) for qwen_vl/vllm."}
     )
-    reward_dtype: str = field(default="bfloat16", metadata={"help": "qwen_vl: torch dtype of the VLM."})
+    reward_dtype: str | None = field(
+        default=None, metadata={"help": "qwen_vl: torch dtype of the VLM (None: float32 on CPU, bfloat16 on CUDA)."}
+    )
     reward_device: str | None = field(
         default=None, metadata={"help": "qwen_vl: device of the VLM (None: this process's accelerator device)."}
     )
@@ -291,11 +293,24 @@ def build_backend(args: RewardArguments, data: DataBundle):
         if args.reward_attn_implementation is not None:
             kwargs["attn_implementation"] = args.reward_attn_implementation
         return QwenVLBackend.from_pretrained(
-            args.reward_model_name_or_path, dtype=args.reward_dtype, device=device, **kwargs
+            args.reward_model_name_or_path, dtype=args.reward_dtype, device=device,
+            processor=_qwen_vl_processor(args.reward_model_name_or_path), **kwargs,
         )
     from .rewards.vllm import VLLMBackend
 
     return VLLMBackend(args.reward_model_name_or_path, base_url=args.vllm_server_url, **generation)
+
+
+def _qwen_vl_processor(name_or_path: str):
+    """The VLM's processor. `AutoProcessor` returns a bare tokenizer (no error) for a folder saved with the
+    image-only processor (machines without torchvision, tiny test models); load that class explicitly then."""
+    from .rewards.qwen_vl import Qwen2_5_VLImageOnlyProcessor, load_qwen2_5_vl_processor
+
+    processor = load_qwen2_5_vl_processor(name_or_path)
+    if getattr(processor, "image_processor", None) is None:
+        logger.info("%s: loading the image-only Qwen2.5-VL processor", name_or_path)
+        processor = Qwen2_5_VLImageOnlyProcessor.from_pretrained(name_or_path)
+    return processor
 
 
 def build_reward(data: DataBundle, args: RewardArguments, tokenizer=None, max_shots: int | None = None, backend=None):
@@ -370,7 +385,7 @@ def selector_completion(positions) -> str:
     """The selector's completion text for picking the candidates at `positions` (the stop/eos is appended by RCE)."""
     from .selector.vocabulary import SelectorVocabulary
 
-    return "".join(SelectorVocabulary.slot_word(int(k)) for k in positions)
+    return " ".join(SelectorVocabulary.slot_word(int(k)) for k in positions)
 
 
 def run_rce_warmup(model, tokenizer, data: DataBundle, data_args: DataArguments, reward_args: RewardArguments,
@@ -498,11 +513,108 @@ def retrieval_selections(data: DataBundle, query_ids, method: str, num_shots: in
     return {q: list(reversed(ids)) if method != "random" else list(ids) for q, ids in picks.items()}
 
 
+def score_selections(reward, query_ids, selections: dict) -> list[float]:
+    """VQA accuracy (`soft`) of each query's selection, scored through the reward's backend and cache, in the order
+    of `query_ids`. A pair the backend could not score is an error: an evaluation must not silently drop
+    queries (that would compare methods on different questions)."""
+    pairs = [(q, list(selections[q])) for q in query_ids]
+    components = reward.score_pairs(pairs)
+    failed = [pairs[i] for i, c in enumerate(components) if c is None]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(pairs)} evaluation prompts could not be scored, e.g. {failed[:3]}")
+    return [float(c["soft"]) for c in components]
+
+
+BASELINES = ("random", "image_sim", "text_sim")
+
+
+def evaluate_methods(data: DataBundle, reward, query_ids, shots, pools: dict | None = None,
+                     selectors: dict | None = None, baselines=BASELINES, seed: int = 0):
+    """Per-query accuracies of every method at every shot count on the same queries -> `EvaluationResults`.
+
+    zero-shot at 0 shots; each baseline (`retrieval_selections`, from the whole training split) and each selector
+    (`{name: (model, tokenizer)}`, greedy, exactly s demonstrations from the query's pool in `pools`) at every s >= 1
+    (a selector only up to its `max_shots`)."""
+    from .evaluation import EvaluationResults
+
+    query_ids = list(query_ids)
+    results = EvaluationResults(query_ids=query_ids, meta={"num_queries": len(query_ids)})
+    for s in sorted(set(shots)):
+        if s == 0:
+            results.add("zero_shot", 0, score_selections(reward, query_ids, {q: [] for q in query_ids}))
+            continue
+        for method in baselines:
+            picks = retrieval_selections(data, query_ids, method, s, seed=seed)
+            results.add(method, s, score_selections(reward, query_ids, picks))
+        for name, (model, tokenizer) in (selectors or {}).items():
+            if s > model.config.max_shots:
+                logger.warning("%s picks at most %d demonstrations; no %d-shot result", name, model.config.max_shots, s)
+                continue
+            picks = select_with_selector(model, tokenizer, data, pools, query_ids, num_shots=s)
+            results.add(name, s, score_selections(reward, query_ids, picks))
+    return results
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # End-of-run evaluation (demo world)
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def run_demo_evaluation(model, tokenizer, data: DataBundle, data_args: DataArguments, reward_args: RewardArguments,
-                        output_dir: str, log_history: list, shots: int = 2) -> dict:
-    raise NotImplementedError
+                        output_dir: str, log_history: list) -> dict:
+    """Evaluate on the held-out queries and write `eval_results.json`, `eval_table.md`, `eval_details.json`,
+    `accuracy_vs_shots.png` and `training_curves.png` to `output_dir`.
+
+    `eval_results.json` holds one accuracy per method: `selector` = the trained selector, greedy, stopping where it
+    chooses; `random` / `image_sim` / `text_sim` = each baseline at its *best* shot count in 1..max_shots (a
+    conservative bar for the selector); `oracle` = the best accuracy any selection of min_shots..max_shots items
+    from the selector's pool reaches (demo world only: the simulated answerer knows it)."""
+    import json
+
+    import numpy as np
+
+    from .evaluation import markdown_comparison_table, markdown_table, plot_accuracy_vs_shots, plot_training_curves
+
+    if data.world is None:
+        raise ValueError("the end-of-run evaluation with an oracle needs the demo world; use evaluate_okvqa.py")
+    query_ids = list(data.eval_ids)
+    pools = build_pools(data, data_args, query_ids)
+    reward = build_reward(data, reward_args)
+    max_shots, min_shots = model.config.max_shots, model.config.min_shots
+    results = evaluate_methods(data, reward, query_ids, range(0, max_shots + 1), pools=pools,
+                               selectors={"selector": (model, tokenizer)}, seed=data_args.pool_seed)
+    own = select_with_selector(model, tokenizer, data, pools, query_ids)
+    own_accuracy = score_selections(reward, query_ids, own)
+    backend = reward.backend
+    oracle = [
+        backend.oracle_accuracy(data.corpus[q], [data.corpus[c] for c in pools[q]], max_shots=max_shots,
+                                min_shots=min_shots).accuracy
+        for q in query_ids
+    ]
+    results.add("oracle (pool)", max_shots, oracle)
+    summary = {"selector": float(np.mean(own_accuracy)), "oracle": float(np.mean(oracle))}
+    for method in BASELINES:
+        summary[method] = max(results.mean(method, s) for s in range(1, max_shots + 1))
+    summary = {key: summary[key] for key in ("random", "image_sim", "text_sim", "selector", "oracle")}
+
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "eval_results.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    results.meta.update({"selector_own_stop": summary["selector"],
+                         "selector_mean_shots": float(np.mean([len(v) for v in own.values()]))})
+    results.save_json(os.path.join(output_dir, "eval_details.json"))
+    table = "\n\n".join([
+        markdown_table(results),
+        f"Trained selector choosing its own number of demonstrations (greedy): {100 * summary['selector']:.1f} "
+        f"(mean {results.meta['selector_mean_shots']:.2f} shots); oracle over {min_shots}..{max_shots} shots from "
+        f"the same pools: {100 * summary['oracle']:.1f}; selector / oracle = "
+        f"{summary['selector'] / max(summary['oracle'], 1e-12):.3f}.",
+        markdown_comparison_table(results, ["selector"], ["zero_shot", *BASELINES]),
+    ])
+    with open(os.path.join(output_dir, "eval_table.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    plot_accuracy_vs_shots(results, os.path.join(output_dir, "accuracy_vs_shots.png"))
+    if log_history:
+        plot_training_curves(log_history, os.path.join(output_dir, "training_curves.png"))
+    return summary

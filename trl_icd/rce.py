@@ -263,6 +263,9 @@ class RCECollator:
 
     def _encode_completion(self, text: str) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        unk = self.tokenizer.unk_token_id
+        if unk is not None and unk in ids:
+            raise ValueError(f"completion {text[:80]!r} contains a word the policy's tokenizer does not know")
         if self.append_eos and (not ids or ids[-1] != self.tokenizer.eos_token_id):
             ids = ids + [self.tokenizer.eos_token_id]
         return ids

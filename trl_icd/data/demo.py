@@ -110,12 +110,16 @@ class DemoWorldConfig:
     num_shapes: int = field(default=4, metadata={"help": f"Shapes used, the first N of {SHAPES}."})
     num_colours: int = field(default=5, metadata={"help": f"Colours used, the first N of {tuple(COLOURS)}."})
     knowledge_fraction: float = field(
-        default=0.5,
+        default=0.7,
         metadata={"help": "Fraction of questions whose answer is a per-concept word (types 'name' and 'origin')."},
     )
     answer_noise: float = field(
         default=0.15,
         metadata={"help": "Mean fraction of the 10 annotator answers that differ from the canonical answer."},
+    )
+    ambiguous_fraction: float = field(
+        default=0.1,
+        metadata={"help": "Fraction of items on which only 3-5 annotators agree (VQA accuracy 0.9 for 3 of 10)."},
     )
     min_canonical_answers: int = field(
         default=3, metadata={"help": "Fewest annotators (of 10) giving the canonical answer; it always leads."}
@@ -129,8 +133,10 @@ class DemoWorldConfig:
             raise ValueError("num_train must be positive and num_eval/num_test non-negative")
         if not 1 <= self.num_shapes <= len(SHAPES) or not 1 <= self.num_colours <= len(COLOURS):
             raise ValueError(f"num_shapes must be in 1..{len(SHAPES)} and num_colours in 1..{len(COLOURS)}")
-        if not 0.0 <= self.knowledge_fraction <= 1.0 or not 0.0 <= self.answer_noise < 1.0:
-            raise ValueError("knowledge_fraction must be in [0, 1] and answer_noise in [0, 1)")
+        if not 0.0 <= self.knowledge_fraction <= 1.0 or not 0.0 <= self.ambiguous_fraction <= 1.0:
+            raise ValueError("knowledge_fraction and ambiguous_fraction must be in [0, 1]")
+        if not 0.0 <= self.answer_noise < 1.0:
+            raise ValueError("answer_noise must be in [0, 1)")
         if not 1 <= self.min_canonical_answers <= 10:
             raise ValueError("min_canonical_answers must be in 1..10")
         if not 0 <= self.shade_jitter < 32:
@@ -214,13 +220,21 @@ def _pseudo_words(rng: np.random.Generator, count: int, forbidden: set[str]) -> 
 
 
 def annotator_answers(
-    canonical: str, alternatives: Sequence[str], rng: np.random.Generator, noise: float, min_canonical: int
+    canonical: str,
+    alternatives: Sequence[str],
+    rng: np.random.Generator,
+    noise: float,
+    min_canonical: int,
+    ambiguous: bool = False,
 ) -> list[str]:
-    """10 shuffled answers: the canonical one `n` times (`n` >= `min_canonical`, expected 10·(1-noise)) and
-    annotator noise drawn uniformly from `alternatives`, each fewer than `n` times, so the canonical answer is always
-    the strict majority (`CorpusItem.answer`). A noise vote with no alternative left under that cap goes to the
-    canonical answer."""
-    n = int(np.clip(rng.binomial(10, 1.0 - noise), min_canonical, 10))
+    """10 shuffled answers: the canonical one `n` times and annotator noise drawn uniformly from `alternatives`, each
+    fewer than `n` times, so the canonical answer is always the most common one (`CorpusItem.answer`); a noise vote
+    with no alternative left under that cap goes to the canonical answer. `n` ~ Binomial(10, 1 - noise), or uniform
+    in [min_canonical, 5] for an `ambiguous` item; never below `min_canonical`."""
+    if ambiguous:
+        n = int(rng.integers(min_canonical, max(min_canonical, 5) + 1))
+    else:
+        n = int(np.clip(rng.binomial(10, 1.0 - noise), min_canonical, 10))
     counts = dict.fromkeys(alternatives, 0)
     answers = [canonical] * n
     for _ in range(10 - n):
@@ -301,7 +315,10 @@ def _make_record(
         canonical = knowledge[question_type][concept]
         # Annotators who do not know the word name what they see, or say they do not know.
         alternatives = (shape, colour, *_KNOWLEDGE_UNSURE)
-    answers = annotator_answers(canonical, alternatives, rng, config.answer_noise, config.min_canonical_answers)
+    ambiguous = bool(rng.random() < config.ambiguous_fraction)
+    answers = annotator_answers(
+        canonical, alternatives, rng, config.answer_noise, config.min_canonical_answers, ambiguous
+    )
 
     size = config.image_size
     radius = float(rng.uniform(0.2, 0.34) * size)

@@ -6,6 +6,7 @@ _NAMES = {
     "InContextPrompt": ".prompt",
     "PromptFormat": ".prompt",
     "RewardBackend": ".backend",
+    "PartialBatchError": ".backend",
     "shape_reward": ".shaping",
     "REWARD_MODES": ".shaping",
     "QwenVLBackend": ".qwen_vl",

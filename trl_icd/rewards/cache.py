@@ -293,6 +293,12 @@ class RewardCache:
         """
         counts = {"loaded": 0, "other_scorer": 0, "invalid": 0}
         by_scorer: dict[str, list[tuple[CacheKey, Mapping]]] = {}
+
+        def flush():
+            for record_scorer, entries in by_scorer.items():
+                self.store(record_scorer, entries, overwrite=overwrite)
+            by_scorer.clear()
+
         with open(path, encoding="utf-8") as handle:
             for line_no, line in enumerate(handle, 1):
                 if not line.strip():
@@ -309,8 +315,9 @@ class RewardCache:
                     continue
                 by_scorer.setdefault(record["scorer"], []).append(entry)
                 counts["loaded"] += 1
-        for record_scorer, entries in by_scorer.items():
-            self.store(record_scorer, entries, overwrite=overwrite)
+                if counts["loaded"] % 10_000 == 0:  # bounded memory for large files
+                    flush()
+        flush()
         if counts["other_scorer"] and not counts["loaded"]:
             logger.warning("%s: no record matches scorer %s (the file was scored with other settings)", path, scorer)
         logger.info("warmed reward cache from %s: %s", path, counts)

@@ -52,7 +52,7 @@ INVALID_SELECTION_REASONS = (
     "invalid_selection",  # `parse_selection` rejected the selector's completion
 )
 # Not the policy's fault -> `error_reward`:
-SCORING_ERROR_REASONS = ("missing_query_id", "unknown_query_id", "image_error", "backend_error")
+SCORING_ERROR_REASONS = ("missing_query_id", "unknown_query_id", "no_gold_answers", "image_error", "backend_error")
 
 _SEPARATORS = re.compile(r"[\s,;]+")
 _INTEGER = re.compile(r"[+-]?\d+")
@@ -159,6 +159,10 @@ class InContextReward:
         max_failed_calls: raise after this many consecutive calls in which every pair sent to the backend failed
             (a dead server must stop training, not feed it fallback rewards); None = never.
         name: `__name__` (TRL's metric prefix `rewards/<name>/...`) and the prefix of the metrics logged here.
+
+    After each call: `last_components` (per row: hard, soft, gt_prob, rel, answer, query_id, demo_ids; None for a
+    row without components), `last_statuses` ("ok" or a reason), `last_metrics`; running totals `status_counts`,
+    `cache_hits`, `cache_misses` (distinct pairs found in / missing from the cache).
     """
 
     def __init__(
@@ -256,7 +260,7 @@ class InContextReward:
             if isinstance(outcome, str):
                 statuses[index] = outcome
             if isinstance(outcome, dict):
-                components.append(dict(outcome, demo_ids=list(prompt.key[1])))
+                components.append(dict(outcome, query_id=prompt.key[0], demo_ids=list(prompt.key[1])))
                 rewards.append(self.shape(outcome))
             else:
                 components.append(None)
@@ -273,15 +277,19 @@ class InContextReward:
         query = self.corpus.get(query_id)
         if query is None:
             raise RejectedRow("unknown_query_id", repr(query_id))
+        if not query.answers:
+            raise RejectedRow("no_gold_answers", repr(query_id))
         pools = columns.get("candidate_ids")
         pool = None if pools is None or pools[index] is None else [plain_id(c) for c in pools[index]]
         if pool is not None and self.tokenizer is not None:
-            if completion_ids is None:
-                raise RejectedRow("invalid_selection", "no completion_ids for a selector policy")
             from ..selector import parse_selection
 
+            if completion_ids is not None:
+                completion = completion_ids[index]
+            else:  # the decoded text names the same slots
+                completion = completion_text(completions[index])
             try:
-                demo_ids = parse_selection(completion_ids[index], pool, self.tokenizer)
+                demo_ids = parse_selection(completion, pool, self.tokenizer)
             except ValueError as err:
                 raise RejectedRow("invalid_selection", str(err)) from None
         else:
@@ -297,11 +305,15 @@ class InContextReward:
                     ) -> list[dict | None]:
         """Components (hard, soft, gt_prob, rel, answer) of explicit (query id, ordered demo ids) pairs, through
         the same cache and backend as training; None for a pair that could not be scored (its reason is in
-        `last_statuses`). Unknown ids raise `KeyError`: explicit pairs come from code, not from a policy."""
+        `last_statuses`). Unknown ids raise `KeyError` and a query without gold answers `ValueError`: explicit
+        pairs come from code, not from a policy."""
         prompts = [
             InContextPrompt(self.corpus[plain_id(q)], tuple(self.corpus[plain_id(d)] for d in demos))
             for q, demos in pairs
         ]
+        unanswered = [p.query.id for p in prompts if not p.query.answers]
+        if unanswered:
+            raise ValueError(f"queries without gold answers cannot be scored: {unanswered[:5]}")
         outcomes, stats = self._score(prompts, progress=progress)
         self.last_statuses = [o if isinstance(o, str) else "ok" for o in outcomes]
         self.last_components = [o if isinstance(o, dict) else None for o in outcomes]
@@ -461,7 +473,9 @@ class InContextReward:
 
 class QwenVLInContextReward(InContextReward):
     """`InContextReward` over a `QwenVLBackend` loaded with `QwenVLBackend.from_pretrained(model_name_or_path,
-    **backend_kwargs)`; every other keyword goes to `InContextReward`."""
+    **backend_kwargs)` (dtype, device, max_new_tokens, num_beams, max_pixels, the backend's batch_size, ...); every
+    other keyword goes to `InContextReward` (its `batch_size` is the most pairs per backend call). A given
+    `prompt_format` is handed to the backend, which renders the prompts."""
 
     def __init__(self, model_name_or_path: str | os.PathLike, corpus: Corpus, backend_kwargs: dict | None = None,
                  **kwargs):

@@ -66,14 +66,21 @@ class Qwen2_5_VLImageOnlyProcessor(Qwen2_5_VLProcessor):
 
 
 def load_qwen2_5_vl_processor(name_or_path: str, **kwargs) -> ProcessorMixin:
-    """The stock processor when it can be built, else the image-only one (no torchvision), with a log line."""
+    """The stock processor when it can be built, else the image-only one (no torchvision), with a log line.
+
+    `AutoProcessor` may also "succeed" with a bare tokenizer when it cannot build the processor class; that counts
+    as unavailable too."""
     from transformers import AutoProcessor
 
     try:
-        return AutoProcessor.from_pretrained(name_or_path, **kwargs)
+        processor = AutoProcessor.from_pretrained(name_or_path, **kwargs)
+        if isinstance(processor, ProcessorMixin) and hasattr(processor, "image_processor"):
+            return processor
+        reason = f"AutoProcessor gave a {type(processor).__name__}"
     except Exception as err:  # torchvision missing shows up as AttributeError/ImportError/ValueError by version
-        logger.warning("stock processor for %s unavailable (%s); using the image-only processor", name_or_path, err)
-        return Qwen2_5_VLImageOnlyProcessor.from_pretrained(name_or_path, **kwargs)
+        reason = repr(err)
+    logger.warning("stock processor for %s unavailable (%s); using the image-only processor", name_or_path, reason)
+    return Qwen2_5_VLImageOnlyProcessor.from_pretrained(name_or_path, **kwargs)
 
 
 def postprocess_answer(text: str, stop_strings: Sequence[str] = RESEARCH_STOP_STRINGS) -> str:
@@ -129,11 +136,21 @@ class AnswerTokenizationError(ValueError):
     """An answer whose tokens cannot be located in the prompt + answer tokenisation (a merge across the boundary)."""
 
 
+def image_token_runs(is_image: torch.Tensor) -> list[int]:
+    """Lengths of the consecutive runs of image tokens in one row (one run per image, in order)."""
+    edges = torch.diff(torch.nn.functional.pad(is_image.int(), (1, 1)))
+    return ((edges == -1).nonzero().flatten() - (edges == 1).nonzero().flatten()).tolist()
+
+
 def check_model_inputs(
-    inputs: dict, image_counts: Sequence[int], image_token_id: int, merge_size: int
+    inputs: dict, image_tokens: Sequence[Sequence[int]], image_token_id: int, merge_size: int
 ) -> None:
     """Raise `BatchGuardError` unless the batch is left padded, carries `mm_token_type_ids` that agree with the
-    image tokens, and every row holds exactly the image tokens of its own images' grids (in order)."""
+    image tokens, and row i holds, image by image, exactly `image_tokens[i]` image tokens with grids to match.
+
+    `image_tokens` must come from the intended images themselves (their sizes or their cached grids), not from the
+    processor's output: the processor binds images to placeholders by global order and re-derives every count from
+    that order, so a swapped or mis-nested image list is self-consistent in its output."""
     input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
     if inputs.get("mm_token_type_ids") is None:
         raise BatchGuardError(
@@ -145,22 +162,19 @@ def check_model_inputs(
     is_image = input_ids == image_token_id
     if not torch.equal(inputs["mm_token_type_ids"] == 1, is_image):
         raise BatchGuardError("mm_token_type_ids disagree with the image tokens of input_ids")
+    expected = [int(n) for row in image_tokens for n in row]
     grids = inputs.get("image_grid_thw")
-    n_images = 0 if grids is None else grids.shape[0]
-    if n_images != sum(image_counts):
-        raise BatchGuardError(f"{n_images} image grids for {sum(image_counts)} images in the prompts")
-    if grids is None:
-        return
-    tokens_per_image = (grids.prod(-1) // merge_size**2).tolist()
-    expected, start = [], 0
-    for count in image_counts:
-        expected.append(sum(tokens_per_image[start : start + count]))
-        start += count
-    found = is_image.sum(-1).tolist()
-    if found != expected:
+    from_grids = [] if grids is None else (grids.prod(-1) // merge_size**2).tolist()
+    if from_grids != expected:
         raise BatchGuardError(
-            f"image tokens per row {found} != tokens of each row's image grids {expected}: images are not in "
+            f"image grids give {from_grids} tokens per image, the prompts' images {expected}: images are not in "
             "the order of their placeholders"
+        )
+    found = [image_token_runs(row) for row in is_image]
+    if found != [list(map(int, row)) for row in image_tokens]:
+        raise BatchGuardError(
+            f"image tokens per row and image {found} != {[list(r) for r in image_tokens]}: images are not in the "
+            "order of their placeholders"
         )
 
 
@@ -169,7 +183,6 @@ class _Batch:
     """Model inputs for a batch of rendered texts, plus what the guards and the scorer need."""
 
     inputs: dict
-    image_counts: list[int]
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -400,18 +413,19 @@ class QwenVLBackend(RewardBackend):
 
     def _encode(self, texts: list[str], prompts: Sequence[InContextPrompt]) -> _Batch:
         """Tokenise `texts` (prompt i's text, possibly followed by an answer) with prompt i's images, left padded."""
-        image_counts = [len(p.items) for p in prompts]
         if self.vision_cache is None:
-            images = [image for p in prompts for image in self.prompt_format.images(p)]
+            images = [self.prompt_format.images(p) for p in prompts]
+            image_tokens = [[self._image_tokens(image) for image in row] for row in images]
             inputs = dict(
                 self.processor(
-                    text=texts, images=images, padding=True, padding_side="left", size=self._size,
-                    return_tensors="pt",
+                    text=texts, images=[image for row in images for image in row], padding=True,
+                    padding_side="left", size=self._size, return_tensors="pt",
                 )
             )
         else:
             grids, features = self._image_features(prompts)
-            replacements = [self.image_token * int(g.prod() // self.merge_size**2) for g in grids]
+            flat_tokens = [int(g.prod() // self.merge_size**2) for g in grids]
+            replacements = [self.image_token * n for n in flat_tokens]
             expanded, _ = self.processor.get_text_with_replacements(list(texts), images_replacements=replacements)
             inputs = dict(self.tokenizer(expanded, padding=True, padding_side="left", return_tensors="pt"))
             inputs["mm_token_type_ids"] = torch.tensor(
@@ -419,11 +433,21 @@ class QwenVLBackend(RewardBackend):
             )
             inputs["image_grid_thw"] = torch.cat(grids)
             inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))}
+            counts = [len(p.items) for p in prompts]
+            starts = [sum(counts[:i]) for i in range(len(counts))]
+            image_tokens = [flat_tokens[s : s + c] for s, c in zip(starts, counts)]
         inputs.pop("token_type_ids", None)
-        check_model_inputs(inputs, image_counts, self.image_token_id, self.merge_size)
+        check_model_inputs(inputs, image_tokens, self.image_token_id, self.merge_size)
         device = self.model.device
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-        return _Batch(inputs=inputs, image_counts=image_counts)
+        return _Batch(inputs=inputs)
+
+    def _image_tokens(self, image) -> int:
+        """Image tokens of one image at this backend's pixel bounds, from its size alone."""
+        width, height = image.size
+        bounds = {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
+        patches = self.processor.image_processor.get_number_of_image_patches(height, width, bounds)
+        return patches // self.merge_size**2
 
     def _image_features(self, prompts: Sequence[InContextPrompt]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Grids and vision features of every image of `prompts`, in placeholder order; the vision tower runs once

@@ -8,7 +8,7 @@ A prompt is a query q and demonstrations d_1..d_n in prompt order (d_n is next t
 hidden `concept`, `question_type`, `answer_source` and `zero_shot_answer` in `CorpusItem.meta`.
 
 1. Each demonstration votes for the answer it shows (`d_i.answer`) with a weight set by its relation to q:
-   ``match`` (same concept and question type) [6], ``same_concept`` (other type: it *looks* right) [4],
+   ``match`` (same concept and question type) [6], ``same_concept`` (other type: it *looks* right) [2.5],
    ``same_type`` (other concept: the question looks right) [3], ``unrelated`` [1].
 2. The query image votes for q's zero-shot answer (the colour/shape it sees; for a knowledge question, the shape
    it sees — a wrong guess) with ``readable_weight`` [8] or ``knowledge_weight`` [2], diluted by the context:
@@ -16,7 +16,7 @@ hidden `concept`, `question_type`, `answer_source` and `zero_shot_answer` in `Co
 3. support(a) = the sum of the votes for a (answers compared after VQA normalisation). The answer is the a of
    largest support; a tie goes to the answer shown nearest the query (the largest position i with d_i.answer = a;
    the image's own vote counts as position 0). So order matters, a little: only in ties.
-4. p(a) = (support(a) + smoothing) / (Σ_b support(b) + smoothing · vocabulary_size) [smoothing 0.05, vocabulary
+4. p(a) = (support(a) + smoothing) / (Σ_b support(b) + smoothing · vocabulary_size) [smoothing 0.001, vocabulary
    1000]: the gold answer is likely exactly when relevant demonstrations vote for it, so `gt_prob` is informative.
 
 Consequences: a code-word ("name"/"origin") question is answered right only when a matching demonstration is shown
@@ -63,7 +63,7 @@ class SimulatorRule:
 
     match_weight: float = field(default=6.0, metadata={"help": "Vote of a demonstration of the same concept and type."})
     same_concept_weight: float = field(
-        default=4.0, metadata={"help": "Vote of a demonstration of the same concept but another question type."}
+        default=2.5, metadata={"help": "Vote of a demonstration of the same concept but another question type."}
     )
     same_type_weight: float = field(
         default=3.0, metadata={"help": "Vote of a demonstration of the same question type but another concept."}
@@ -78,7 +78,7 @@ class SimulatorRule:
     dilution: float = field(
         default=2.0, metadata={"help": "The image's vote is scaled by dilution / (dilution + number of demos)."}
     )
-    smoothing: float = field(default=0.05, metadata={"help": "Support every answer gets in the log-probabilities."})
+    smoothing: float = field(default=0.001, metadata={"help": "Support every answer gets in the log-probabilities."})
     vocabulary_size: int = field(default=1000, metadata={"help": "Answers sharing the smoothing mass."})
 
     def __post_init__(self):

@@ -110,7 +110,8 @@ def answer_span_logprob(
         ends = [len(ids)] if open_end else range(len(ids), max(len(ids) - max_trailing, n) - 1, -1)
         end = next((e for e in ends if ids[e - n : e] == target), None)
         if end is None:
-            raise ValueError(f"answer tokens {target} not found at the end of the prompt (tail {ids[-n - max_trailing:]})")
+            tail = ids[-n - max_trailing :]
+            raise ValueError(f"answer tokens {target} not found at the end of the prompt (tail {tail})")
     elif open_end:
         end = total_positions  # no ids returned: the membership check below still guards the alignment
     else:
@@ -267,11 +268,14 @@ class VLLMBackend(RewardBackend):
         return kwargs or None
 
     def _scored_messages(self, messages: list[dict], answer: str) -> tuple[list[dict], bool]:
-        """Messages ending with the assistant's answer, and whether the final message stays open."""
+        """Messages ending with the assistant's answer, and whether the final message stays open. The answer is
+        stripped: chat templating strips an open final message, so surrounding spaces could never be scored."""
+        answer = answer.strip()
         open_end = answer != "" and not self.include_end
         return messages + [{"role": "assistant", "content": answer}], open_end
 
     def _target_ids(self, answer: str, open_end: bool) -> list[int]:
+        answer = answer.strip()
         ids = self._token_ids(answer) if answer else []
         return ids if open_end else ids + self._token_ids(self.end_token)
 
@@ -317,8 +321,9 @@ class VLLMBackend(RewardBackend):
                 scores[row] = [float("nan")] * len(answers[row])
         with ThreadPoolExecutor(max_workers=self.max_workers) as pool:
             if answers is not None:  # one /tokenize round per distinct string, before the requests that need it
-                strings = {a for row, cands in enumerate(answers) if row not in errors for a in cands if a}
-                if self.include_end or any(a == "" for cands in answers for a in cands):
+                strings = {a.strip() for row, cands in enumerate(answers) if row not in errors for a in cands}
+                strings.discard("")
+                if self.include_end or any(not a.strip() for cands in answers for a in cands):
                     strings.add(self.end_token)
                 for string, future in [(s, pool.submit(self._token_ids, s)) for s in sorted(strings)]:
                     try:
@@ -397,6 +402,10 @@ class VLLMBackend(RewardBackend):
         target = self._target_ids(answer, open_end)
         return answer_span_logprob(reply.get("prompt_token_ids"), reply.get("prompt_logprobs"), target, open_end)
 
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self.stats[name] += 1
+
     def _post(self, path: str, payload: dict) -> dict:
         data = json.dumps(payload).encode("utf-8")
         headers = {"Content-Type": "application/json"}
@@ -405,7 +414,7 @@ class VLLMBackend(RewardBackend):
         url = self.base_url + path
         for attempt in range(self.max_retries + 1):
             request = urllib.request.Request(url, data=data, headers=headers, method="POST")
-            self.stats["requests"] += 1
+            self._count("requests")
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     return json.loads(response.read().decode("utf-8"))
@@ -418,7 +427,7 @@ class VLLMBackend(RewardBackend):
                 if attempt == self.max_retries:
                     raise VLLMRequestError(f"POST {url}: {err}") from err
                 reason = repr(err)
-            self.stats["retries"] += 1
+            self._count("retries")
             delay = self.retry_backoff * 2**attempt
             logger.debug("POST %s failed (%s); retry %d in %.2f s", url, reason, attempt + 1, delay)
             time.sleep(delay)
@@ -498,7 +507,9 @@ class VLLMBackend(RewardBackend):
                 outputs = llm.generate(inputs, params, use_tqdm=False)
                 for (row, k, target, open_end), out in zip(pairs, outputs):
                     try:
-                        scores[row][k] = answer_span_logprob(out.prompt_token_ids, out.prompt_logprobs, target, open_end)
+                        scores[row][k] = answer_span_logprob(
+                            out.prompt_token_ids, out.prompt_logprobs, target, open_end
+                        )
                     except ValueError as err:
                         errors.setdefault(row, err)
         for row in errors:
