@@ -8,8 +8,10 @@ held-out demo queries, per shot count, with 95% confidence intervals, plus the c
 Methods (s = shots; retrieved demonstrations are placed most-similar-last, next to the query):
 - random: s items drawn uniformly from the training split (as the evaluation script does); random (pool): from the
   query's candidate pool;
-- image_sim / text_sim: the s training items nearest the query in image / question features (RICES-style; they are
-  always inside the pool, whose similarity quota is at least s);
+- image_sim / text_sim: the s training items nearest the query in image / question features over the whole training
+  split (RICES-style, as the evaluation script runs them; with "mix" pools of K >= 16 they are inside the pool);
+- combined_sim: nearest in the selector's item table (image and question features concatenated): a hand-made
+  combination, not one of the standard baselines, reported to show how far a fixed similarity gets;
 - oracle: the best ordered selection of exactly s items from the pool (`SimulatedBackend.oracle_accuracy`);
   oracle (1..s): the best with 1 to s items, what a selector with a learned stop can reach;
 - match-first: the true matches of the pool first (the world's ground truth), then the most image-similar rest;
@@ -52,7 +54,7 @@ def parse_args(argv=None):
 
 
 def nearest_first(table: np.ndarray, row: int, rows: list[int]) -> list[int]:
-    """Pool positions by similarity to the query row, most similar first (ties by position)."""
+    """Positions in `rows` by similarity to the query row, most similar first (ties by position)."""
     return list(np.argsort(-(table[rows] @ table[row]), kind="stable"))
 
 
@@ -119,6 +121,8 @@ def main(argv=None) -> EvaluationResults:
 
     rng = np.random.default_rng(args.seed)
     train_items = [corpus[i] for i in train]
+    train_rows = [corpus.row_of(i) for i in train]
+    tables = {"image_sim": features.image, "text_sim": features.text, "combined_sim": features.combined()}
     cells: dict[tuple[str, int], list[float]] = {}
     matches, oracle_seconds, oracle_calls = [], 0.0, 0
     for q in queries:
@@ -129,10 +133,9 @@ def main(argv=None) -> EvaluationResults:
         by_image = nearest_first(features.image, row, rows)
         rankings = {
             "random (pool)": list(rng.permutation(len(pool))),
-            "image_sim": by_image,
-            "text_sim": nearest_first(features.text, row, rows),
             "match-first": sorted(range(len(pool)), key=lambda j: (not is_match[j], by_image.index(j))),
         }
+        retrieved = {name: nearest_first(table, row, train_rows)[: max(args.shots)] for name, table in tables.items()}
         if probe is not None:
             rankings["probe"] = list(np.argsort(-probe(q, pools[q]), kind="stable"))
         for s in args.shots:
@@ -143,6 +146,9 @@ def main(argv=None) -> EvaluationResults:
             cells.setdefault(("random", s), []).append(accuracy(query, [train_items[j] for j in drawn]))
             for name, ranking in rankings.items():
                 cells.setdefault((name, s), []).append(accuracy(query, [pool[j] for j in reversed(ranking[:s])]))
+            for name, ranking in retrieved.items():
+                demos = [train_items[j] for j in reversed(ranking[:s])]
+                cells.setdefault((name, s), []).append(accuracy(query, demos))
             begin = time.perf_counter()
             cells.setdefault(("oracle", s), []).append(backend.oracle_accuracy(query, pool, s, min_shots=s).accuracy)
             cells.setdefault(("oracle (1..s)", s), []).append(backend.oracle_accuracy(query, pool, s).accuracy)
@@ -153,8 +159,8 @@ def main(argv=None) -> EvaluationResults:
         "num_train": args.num_train, "num_eval": args.num_eval, "seed": args.seed, "k": args.k,
         "pool_method": args.pool_method, "rule": backend.identity["rule"],
     })
-    order = ["zero-shot", "random", "random (pool)", "text_sim", "image_sim", "probe", "match-first", "oracle",
-             "oracle (1..s)"]
+    order = ["zero-shot", "random", "random (pool)", "text_sim", "image_sim", "combined_sim", "probe", "match-first",
+             "oracle", "oracle (1..s)"]
     for name in order:
         for s in args.shots:
             if (name, s) in cells:

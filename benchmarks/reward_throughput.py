@@ -12,14 +12,17 @@ Modes (same model, same stream, the answer plus every distinct gold answer's log
   (b) batched: the same computations, `--batch-size` rows per call, bucketed by image count;
   (c) the full pipeline: `InContextReward(corpus, backend, cache_path=...)` over a `QwenVLBackend` with batching,
       the persistent reward cache, the vision-feature cache and one shared prefill per prompt.
-Prints pairs/s (wall clock and this process's CPU time), the ratios to (a), and how far (c)'s answers and gt_prob
-are from (a)'s (the same numbers, up to batch-composition rounding).
+Ablations (add their letters to `--modes`): (v) batched + vision-feature cache, (p) batched + shared prefill,
+(n) batched + both, without the reward cache.
+Prints pairs/s (wall clock and this process's CPU time), the ratios to (a), and how far each mode's answers and
+gt_prob are from (a)'s (the same numbers, up to batch-composition rounding).
 
 CPU (default): an input-sensitive small random Qwen2.5-VL (text 256 x 4 layers, vision 128 x 4 blocks, real patch
 settings), 448-px images, fp32, one thread (tiny matrix ops on a busy machine run faster on one thread).
 GPU: `--device cuda --size 3b` builds a random-weight model of the real Qwen2.5-VL-3B size in bf16.
 
     python benchmarks/reward_throughput.py
+    python benchmarks/reward_throughput.py --modes abcvpn
     python benchmarks/reward_throughput.py --device cuda --size 3b --queries-per-step 8 --steps 4
 """
 
@@ -111,26 +114,27 @@ def gold_of(prompts: list[InContextPrompt]) -> list[list[str]]:
     return [distinct_gold_answers(p.query.answers) for p in prompts]
 
 
-def run_one_by_one(stream: Stream, backend: QwenVLBackend) -> list[tuple[str, float]]:
-    """(a): every row alone, nothing reused."""
+def run_one_by_one(stream: Stream, backend: QwenVLBackend) -> list[tuple]:
+    """(a): every row alone, nothing reused. Per row: (answer, gt_prob, gold log-probs)."""
     results = []
     for step in tqdm(stream.steps, desc="(a) one by one", leave=False):
         for prompt in prompts_of(stream, step):
             golds = gold_of([prompt])
             answers, logprobs = backend.answer_and_logprob([prompt], golds)
-            results.append((answers[0], gt_probability(prompt.query.answers, dict(zip(golds[0], logprobs[0])))))
+            gt_prob = gt_probability(prompt.query.answers, dict(zip(golds[0], logprobs[0])))
+            results.append((answers[0], gt_prob, logprobs[0]))
     return results
 
 
-def run_batched(stream: Stream, backend: QwenVLBackend) -> list[tuple[str, float]]:
-    """(b): each step's rows in batched calls, nothing reused."""
+def run_batched(stream: Stream, backend: QwenVLBackend) -> list[tuple]:
+    """(b) and the ablations: each step's rows in batched backend calls, no reward cache."""
     results = []
-    for step in tqdm(stream.steps, desc="(b) batched", leave=False):
+    for step in tqdm(stream.steps, desc="batched", leave=False):
         prompts = prompts_of(stream, step)
         golds = gold_of(prompts)
         answers, logprobs = backend.answer_and_logprob(prompts, golds)
         for prompt, answer, gold, lp in zip(prompts, answers, golds, logprobs):
-            results.append((answer, gt_probability(prompt.query.answers, dict(zip(gold, lp)))))
+            results.append((answer, gt_probability(prompt.query.answers, dict(zip(gold, lp))), lp))
     return results
 
 
@@ -145,7 +149,7 @@ def run_pipeline(stream: Stream, backend: QwenVLBackend, cache_path: str) -> tup
         rewards = reward(prompts=[""] * len(step), completions=completions, query_id=[q for q, _ in step])
         if any(r is None for r in rewards):
             raise RuntimeError(f"unscorable rows: {reward.last_statuses}")
-        results += [(c["answer"], c["gt_prob"]) for c in reward.last_components]
+        results += [(c["answer"], c["gt_prob"], None) for c in reward.last_components]
     return results, reward
 
 
@@ -168,7 +172,7 @@ def main():
     parser.add_argument("--train-items", type=int, default=24, help="demonstration items the pools draw from")
     parser.add_argument("--pool-size", type=int, default=8)
     parser.add_argument("--max-shots", type=int, default=4)
-    parser.add_argument("--sharpness", type=float, default=1.5, help="selector preference scale at step 0")
+    parser.add_argument("--sharpness", type=float, default=1.0, help="selector preference scale at step 0")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-beams", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=5)
@@ -192,36 +196,51 @@ def main():
     warm.answer_and_logprob(prompts_of(stream, stream.steps[0][:2]), gold_of(prompts_of(stream, stream.steps[0][:2])))
 
     timings, results = {}, {}
-    if "a" in args.modes:
-        backend = QwenVLBackend(model, processor, batch_size=1, vision_cache_size=0, shared_prefill=False, **common)
-        results["a"], *timings["a"] = timed(run_one_by_one, stream, backend)
-    if "b" in args.modes:
-        backend = QwenVLBackend(
-            model, processor, batch_size=args.batch_size, vision_cache_size=0, shared_prefill=False, **common
-        )
-        results["b"], *timings["b"] = timed(run_batched, stream, backend)
-    if "c" in args.modes:
-        backend = QwenVLBackend(model, processor, batch_size=args.batch_size, **common)
-        with tempfile.TemporaryDirectory() as tmp:
-            (results["c"], reward), *timings["c"] = timed(
-                run_pipeline, stream, backend, os.path.join(tmp, "rewards.sqlite")
-            )
-        vc = backend.vision_cache
-        print(f"(c) reward cache: {reward.cache_hits} hits / {reward.cache_misses} misses; vision cache: "
-              f"{vc.hits} hits / {vc.misses} misses; prompts prefilled: {backend.stats['prompts_prefilled']}")
+    batched = dict(batch_size=args.batch_size, **common)
+    backends = {  # mode -> backend settings for the batched runs
+        "b": dict(vision_cache_size=0, shared_prefill=False, **batched),
+        "v": dict(shared_prefill=False, **batched),
+        "p": dict(vision_cache_size=0, **batched),
+        "n": dict(**batched),
+    }
+    for mode in args.modes:
+        if mode == "a":
+            backend = QwenVLBackend(model, processor, batch_size=1, vision_cache_size=0, shared_prefill=False, **common)
+            results["a"], *timings["a"] = timed(run_one_by_one, stream, backend)
+        elif mode in backends:
+            backend = QwenVLBackend(model, processor, **backends[mode])
+            results[mode], *timings[mode] = timed(run_batched, stream, backend)
+        elif mode == "c":
+            backend = QwenVLBackend(model, processor, **batched)
+            with tempfile.TemporaryDirectory() as tmp:
+                (results["c"], reward), *timings["c"] = timed(
+                    run_pipeline, stream, backend, os.path.join(tmp, "rewards.sqlite")
+                )
+            vc = backend.vision_cache
+            print(f"(c) reward cache: {reward.cache_hits} hits / {reward.cache_misses} misses; vision cache: "
+                  f"{vc.hits} hits / {vc.misses} misses; prompts prefilled: {backend.stats['prompts_prefilled']}")
+        else:
+            raise SystemExit(f"unknown mode {mode!r}")
 
-    names = {"a": "(a) one pair at a time", "b": "(b) batched", "c": "(c) full pipeline"}
-    print(f"\n{'mode':<26}{'wall s':>9}{'pairs/s':>10}{'cpu s':>9}{'pairs/cpu-s':>13}{'x(a) wall':>11}{'x(a) cpu':>10}")
+    names = {
+        "a": "(a) one pair at a time", "b": "(b) batched", "c": "(c) full pipeline", "v": "(v) batched+vision cache",
+        "p": "(p) batched+prefill", "n": "(n) (c) w/o reward cache",
+    }
+    print(f"\n{'mode':<28}{'wall s':>9}{'pairs/s':>10}{'cpu s':>9}{'pairs/cpu-s':>13}{'x(a) wall':>11}{'x(a) cpu':>10}")
     for mode, (wall, cpu) in timings.items():
         ratio_wall = timings["a"][0] / wall if "a" in timings else float("nan")
         ratio_cpu = timings["a"][1] / cpu if "a" in timings else float("nan")
-        print(f"{names[mode]:<26}{wall:>9.1f}{stream.rows / wall:>10.2f}{cpu:>9.1f}{stream.rows / cpu:>13.2f}"
+        print(f"{names[mode]:<28}{wall:>9.1f}{stream.rows / wall:>10.2f}{cpu:>9.1f}{stream.rows / cpu:>13.2f}"
               f"{ratio_wall:>11.2f}{ratio_cpu:>10.2f}")
-    for mode in ("b", "c"):
-        if "a" in results and mode in results:
+    for mode in results:
+        if "a" in results and mode != "a":
             same = sum(x[0] == y[0] for x, y in zip(results["a"], results[mode]))
             delta = max(abs(x[1] - y[1]) for x, y in zip(results["a"], results[mode]))
-            print(f"{names[mode]} vs (a): {same}/{len(results['a'])} identical answers, max |d gt_prob| {delta:.2e}")
+            line = f"{names[mode]} vs (a): {same}/{len(results['a'])} identical answers, max |d gt_prob| {delta:.2e}"
+            if results[mode][0][2] is not None:
+                nats = max(abs(u - v) for x, y in zip(results["a"], results[mode]) for u, v in zip(x[2], y[2]))
+                line += f", max |d log-prob| {nats:.2e} nats"
+            print(line)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import os
 import statistics
 import tempfile
 import time
+import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -149,6 +150,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from transformers
     logging.getLogger("trl").setLevel(logging.ERROR)
 
     wall: dict[str, list[float]] = {name: [] for name in VARIANTS}

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
             model = run_rce_warmup(model, tokenizer, data, data_args, reward_args, rce_args, training_args)
         if training_args.process_index == 0:
             save_policy(model, tokenizer, start_dir)
-        training_args_sync(training_args)
+        wait_for_main_process()
         model, tokenizer = load_or_build_selector(start_dir, data, data_args, selector_args)
 
     run = {"output_dir": training_args.output_dir, "start_policy": start_dir, "reference_policy": None}
@@ -111,6 +111,12 @@ def main(argv: list[str] | None = None) -> dict:
 
         from trl_icd import ICDGRPOTrainer
 
+        if training_args.max_completion_length < model.config.max_completion_length:
+            raise ValueError(
+                f"max_completion_length={training_args.max_completion_length} would cut selections of up to "
+                f"{model.config.max_shots} demonstrations before their stop; set it to >= "
+                f"{model.config.max_completion_length}"
+            )
         reward = build_reward(data, reward_args, tokenizer=tokenizer, max_shots=model.config.max_shots)
         dataset = build_selector_training_dataset(data, pools, tokenizer)
         trainer = ICDGRPOTrainer(
@@ -143,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     return run
 
 
-def training_args_sync(training_args) -> None:
+def wait_for_main_process() -> None:
     """Wait until the main process has written the start policy (no-op in a single process)."""
     from accelerate import PartialState
 

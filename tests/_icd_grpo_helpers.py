@@ -33,7 +33,10 @@ def prompt_dataset(n: int = 8) -> Dataset:
 
 
 def _question_number(prompt) -> int:
-    return int(re.search(r"Question (\d+)", prompt[0]["content"]).group(1))
+    content = prompt[0]["content"]
+    if not isinstance(content, str):  # structured (vision-language) content
+        content = " ".join(part.get("text") or "" for part in content)
+    return int(re.search(r"Question (\d+)", content).group(1))
 
 
 def _global_row(i: int, batch: int) -> int:

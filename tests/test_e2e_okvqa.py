@@ -4,24 +4,14 @@ RCE, GRPO with a KL reference, checkpoints, resume, evaluation; and every recipe
 dataclasses."""
 
 import hashlib
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from e2e_scripts import ROOT, load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("**/*.yaml"))
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def sha(path: Path) -> str:
@@ -111,6 +101,24 @@ def test_train_rce_grpo_checkpoint_and_resume(okvqa):
     # Resuming neither re-ran the warm-up nor moved the reference.
     assert sha(start / "model.safetensors") == start_hash
     assert resumed["reference_policy"] == str(start)
+
+    # The evaluation script on the fixture's val split: table, JSON, plot; the selector next to every baseline.
+    evaluated = load_script("evaluate_okvqa").main(
+        ["--config", str(recipe), "--selectors", str(out), "--selector_names", "grpo", "--shots", "0", "1", "2",
+         "--output_dir", str(root / "eval")]
+    )
+    table = (root / "eval" / "results.md").read_text()
+    for method in ("zero_shot", "random", "image_sim", "text_sim", "grpo"):
+        assert f"| {method} |" in table
+    assert "Best baseline" in table  # the paired comparison section
+    assert (root / "eval" / "accuracy_vs_shots.png").stat().st_size > 0
+    saved = json.loads((root / "eval" / "results.json").read_text())
+    assert len(saved["query_ids"]) == 6  # all val questions of the fixture
+    cell = saved["summary"]["grpo"]["2"]
+    values = saved["per_query"]["grpo"]["2"]
+    assert cell["n"] == 6 and cell["mean"] == pytest.approx(sum(values) / len(values))
+    assert cell["low"] <= cell["mean"] <= cell["high"]
+    assert evaluated["summary"]["zero_shot"].keys() == {"0"}
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "recipes")))

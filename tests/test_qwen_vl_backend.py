@@ -77,10 +77,15 @@ def reference_logprob(model, processor, prompt, answer, include_end=False, fmt=P
     return float(sum(logprobs[k - 1, ids[k]] for k in positions))
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["cache+prefill", "plain"])
-def test_batched_equals_one_by_one(tiny, prompts, gold, fast):
+@pytest.mark.parametrize(
+    "fast, bucketing", [(True, False), (False, False), (True, True)], ids=["cache+prefill", "plain", "bucketed"]
+)
+def test_batched_equals_one_by_one(tiny, prompts, gold, fast, bucketing):
+    """Unbucketed batches mix 0-4 shots and three image sizes in one batch."""
     kwargs = {} if fast else {"vision_cache_size": 0, "shared_prefill": False}
-    batched = make_backend(tiny, batch_size=4, **kwargs)
+    batched = make_backend(tiny, batch_size=4, bucketing=bucketing, **kwargs)
+    batches = list(batched._buckets(prompts))
+    assert (max(len({len(prompts[i].items) for i in b}) for b in batches) > 1) == (not bucketing)
     single = make_backend(tiny, batch_size=1, **kwargs)
     answers_b, logprobs_b = batched.answer_and_logprob(prompts, gold)
     assert answers_b == batched.answer(prompts)
@@ -93,7 +98,7 @@ def test_batched_equals_one_by_one(tiny, prompts, gold, fast):
 
 def test_beam_search_batched_equals_one_by_one(tiny, prompts):
     batched = make_backend(tiny, batch_size=4, num_beams=3)
-    plain = make_backend(tiny, batch_size=8, num_beams=3, vision_cache_size=0)
+    plain = make_backend(tiny, batch_size=8, num_beams=3, vision_cache_size=0, bucketing=False)
     answers = batched.answer(prompts)
     assert answers == plain.answer(prompts)
     assert answers == [make_backend(tiny, batch_size=1, num_beams=3).answer([p])[0] for p in prompts]
@@ -129,7 +134,7 @@ def test_include_end_adds_the_end_token(tiny, prompts):
 
 
 def test_fast_paths_equal_the_plain_path(tiny, prompts, gold):
-    plain = make_backend(tiny, batch_size=8, vision_cache_size=0, shared_prefill=False)
+    plain = make_backend(tiny, batch_size=8, vision_cache_size=0, shared_prefill=False, bucketing=False)
     expected_answers, expected_scores = plain.answer_and_logprob(prompts, gold)
     for kwargs in ({"vision_cache_size": 0}, {"shared_prefill": False}, {}):
         backend = make_backend(tiny, batch_size=8, **kwargs)
@@ -143,8 +148,8 @@ def test_vision_cache_gives_identical_inputs_and_counts_hits(tiny, prompts):
     plain = make_backend(tiny, vision_cache_size=0)
     texts = [cached._render(p) for p in prompts]
     with torch.inference_mode():
-        a = cached._encode(texts, prompts).inputs
-        b = plain._encode(texts, prompts).inputs
+        a = cached._encode(texts, prompts)
+        b = plain._encode(texts, prompts)
     for key in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw"):
         assert torch.equal(a[key], b[key]), key
     # The features are exactly what the vision tower gives for the processor's pixels.
@@ -185,3 +190,28 @@ def test_input_sensitivity(tiny, corpus, prompts, gold):
     with_demos = [i for i, p in enumerate(prompts) if p.num_shots > 0]
     assert moved_demo[with_demos].max() > 0.5
     assert np.all(moved_demo[[i for i, p in enumerate(prompts) if p.num_shots == 0]] < ATOL)
+
+
+def test_drop_in_under_in_context_reward(tiny, corpus, tmp_path):
+    """The backend behind `InContextReward`: components come from exactly the backend's answers and log-probs,
+    and a repeated pair is a reward-cache hit (no model call)."""
+    from trl_icd.rewards import InContextReward
+    from trl_icd.rewards.components import distinct_gold_answers, gt_probability
+
+    backend = make_backend(tiny, batch_size=4)
+    reward = InContextReward(corpus, backend, cache_path=str(tmp_path / "rewards.sqlite"))
+    completions = ["8, 9", "10", "8, 9", "11, 12, 13, 14"]
+    query_ids = [0, 1, 0, 2]
+    rewards = reward(prompts=[""] * 4, completions=completions, query_id=query_ids)
+    assert all(r is not None for r in rewards) and (reward.cache_hits, reward.cache_misses) == (0, 3)
+    direct = make_backend(tiny, batch_size=1)
+    for completion, query_id, components in zip(completions, query_ids, reward.last_components):
+        prompt = InContextPrompt(corpus[query_id], tuple(corpus[int(d)] for d in completion.split(", ")))
+        gold = distinct_gold_answers(prompt.query.answers)
+        (answer,), (logprobs,) = direct.answer_and_logprob([prompt], [gold])
+        assert components["answer"] == answer
+        expected = gt_probability(prompt.query.answers, dict(zip(gold, logprobs)))
+        assert components["gt_prob"] == pytest.approx(expected, rel=1e-4, abs=1e-9)
+    calls = backend.stats["prompts_prefilled"]
+    reward(prompts=[""], completions=["10"], query_id=[1])
+    assert reward.cache_hits == 1 and backend.stats["prompts_prefilled"] == calls

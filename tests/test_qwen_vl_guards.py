@@ -177,17 +177,21 @@ def test_identity_names_every_setting(tiny):
     other_weights, _ = tiny_qwen2_5_vl(seed=1)
     assert QwenVLBackend(other_weights, processor).identity["weights"] != base["weights"]
     # Pure speed settings do not change scores, so they are not part of the identity.
-    assert QwenVLBackend(model, processor, batch_size=3, vision_cache_size=0, shared_prefill=False).identity == base
+    speed_only = dict(batch_size=3, vision_cache_size=0, shared_prefill=False, bucketing=False, candidate_batch_size=2)
+    assert QwenVLBackend(model, processor, **speed_only).identity == base
 
 
-def test_max_pixels_changes_image_tokens(tiny, prompts):
+@pytest.mark.parametrize("vision_cache_size", [0, 8], ids=["processor", "vision-cache"])
+def test_max_pixels_changes_image_tokens(tiny, prompts, vision_cache_size):
     model, processor = tiny
-    small = QwenVLBackend(model, processor, max_pixels=56 * 56)
-    large = QwenVLBackend(model, processor, max_pixels=112 * 112)
-    with torch.inference_mode():
-        n_small = small._encode([small._render(prompts[0])], prompts[:1]).inputs["input_ids"].shape[1]
-        n_large = large._encode([large._render(prompts[0])], prompts[:1]).inputs["input_ids"].shape[1]
-    assert n_small < n_large
+    lengths = []
+    for max_pixels in (56 * 56, 112 * 112):
+        backend = QwenVLBackend(model, processor, max_pixels=max_pixels, vision_cache_size=vision_cache_size)
+        with torch.inference_mode():
+            inputs = backend._encode([backend._render(prompts[1])], prompts[1:])
+        lengths.append(int((inputs["input_ids"] == processor.image_token_id).sum()))
+        assert (inputs["image_grid_thw"].prod(-1) * 14 * 14 <= max_pixels).all()
+    assert lengths[0] < lengths[1]
     with pytest.raises(ValueError):
         QwenVLBackend(model, processor, min_pixels=10_000, max_pixels=5_000)
 

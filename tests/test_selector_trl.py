@@ -12,7 +12,10 @@ from trl.trainer.utils import add_fused_lm_head
 from trl_icd import ICDGRPOConfig, ICDGRPOTrainer
 from trl_icd.selector import parse_selection, selector_prompt
 from trl_icd.selector.vocabulary import SLOT_OFFSET, STOP_ID
-from trl_icd.testing.selector import random_pools, selector_prompts, tiny_selector
+from trl_icd.testing.selector import random_pools, selector_prompts, single_torch_thread, tiny_selector
+
+
+single_thread = pytest.fixture(autouse=True)(single_torch_thread)
 
 
 def sampled_batch(model, tokenizer, pools, temperature, samples=4):
@@ -110,7 +113,7 @@ def preference_task(tokenizer, features):
             chosen = parse_selection(ids, candidates, tokenizer)
             assert parse_selection(text, candidates, tokenizer) == chosen
             hits = sum(c in preferred[query] for c in chosen)
-            rewards.append(hits / len(chosen) + float(len(chosen) == TARGET_LENGTH))
+            rewards.append(hits / len(chosen) + 0.5 * float(len(chosen) == TARGET_LENGTH))
         return rewards
 
     return Dataset.from_list(rows), preferred, preference_reward
@@ -176,8 +179,8 @@ def test_icd_grpo_trainer_learns_preferred_picks_and_when_to_stop(tmp_path):
     trainer = ICDGRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer)
     trainer.train()
     pick, length = policy_statistics(trainer.model, tokenizer, dataset, preferred)
-    assert pick > chance_pick + 0.3, (chance_pick, pick)
-    assert length > chance_length + 0.3, (chance_length, length)
+    assert pick > chance_pick + 0.25, (chance_pick, pick)  # measured: 0.36 -> 0.70
+    assert length > chance_length + 0.4, (chance_length, length)  # measured: 0.25 -> 0.97
 
     # what the trainer scores is what the sampler draws, at the trainer's temperature
     input_ids, attention_mask, prompt_length = sampled_batch(
@@ -201,7 +204,7 @@ def test_icd_grpo_trainer_learns_with_lora(tmp_path):
     trainer = ICDGRPOTrainer(
         model=model,
         reward_funcs=reward,
-        args=grpo_config(tmp_path, learning_rate=2e-2),
+        args=grpo_config(tmp_path, learning_rate=1e-2),
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
@@ -209,8 +212,8 @@ def test_icd_grpo_trainer_learns_with_lora(tmp_path):
     assert isinstance(trainer.model, PeftModel)
     trainer.train()
     pick, length = policy_statistics(trainer.model, tokenizer, dataset, preferred)
-    assert pick > chance_pick + 0.2, (chance_pick, pick)
-    assert length > chance_length + 0.2, (chance_length, length)
+    assert pick > chance_pick + 0.15, (chance_pick, pick)  # measured: 0.36 -> 0.65
+    assert length > chance_length + 0.3, (chance_length, length)  # measured: 0.25 -> 0.85
 
 
 def test_icd_grpo_trainer_with_reference_model_from_a_saved_path(tmp_path):

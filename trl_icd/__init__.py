@@ -10,6 +10,8 @@ _NAMES = {
     "register_advantage": ".advantages",
     "compute_group_advantages": ".advantages",
     "advantage_stats": ".advantages",
+    "aggregate_rewards": ".advantages",
+    "AdaptiveKLCallback": ".trainer",
     "ICDGRPOConfig": ".config",
     "ICDGRPOTrainer": ".trainer",
     "RCEConfig": ".config",

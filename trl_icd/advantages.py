@@ -195,7 +195,7 @@ def compute_group_advantages(
     if rewards.numel() == 0:
         return rewards.clone()
 
-    grouped = rewards.view(-1, group_size)
+    grouped = rewards.reshape(-1, group_size)
     advantages = estimator(grouped, min_std=float(min_std))
     if advantages.shape != grouped.shape:
         raise ValueError(
@@ -236,10 +236,10 @@ def aggregate_rewards(
     if aggregation == "sum_then_normalize":
         per_func = rewards_per_func
     elif aggregation == "normalize_then_sum":
-        grouped = rewards_per_func.view(-1, group_size, rewards_per_func.shape[1])
+        grouped = rewards_per_func.reshape(-1, group_size, rewards_per_func.shape[1])
         mean = torch.nanmean(grouped, dim=1, keepdim=True)
         std = _nan_unbiased_std(grouped, dim=1) if group_size > 1 else torch.zeros_like(mean)
-        per_func = ((grouped - mean) / (std + 1e-4)).view_as(rewards_per_func)
+        per_func = ((grouped - mean) / (std + 1e-4)).reshape_as(rewards_per_func)
     else:
         raise ValueError(
             f"Unknown multi_objective_aggregation {aggregation!r}. Valid: 'sum_then_normalize', 'normalize_then_sum'."
@@ -279,7 +279,7 @@ def advantage_stats(
         raise ValueError(f"{advantages.numel()} advantages for {rewards.numel()} rewards.")
     if rewards.numel() == 0:
         return dict.fromkeys(_STAT_NAMES, float("nan"))
-    grouped = rewards.double().view(-1, group_size)
+    grouped = rewards.double().reshape(-1, group_size)
     count = group_count(grouped).squeeze(1)
     highest = grouped.nan_to_num(nan=-math.inf).amax(dim=1)
     lowest = grouped.nan_to_num(nan=math.inf).amin(dim=1)

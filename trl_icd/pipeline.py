@@ -293,24 +293,11 @@ def build_backend(args: RewardArguments, data: DataBundle):
         if args.reward_attn_implementation is not None:
             kwargs["attn_implementation"] = args.reward_attn_implementation
         return QwenVLBackend.from_pretrained(
-            args.reward_model_name_or_path, dtype=args.reward_dtype, device=device,
-            processor=_qwen_vl_processor(args.reward_model_name_or_path), **kwargs,
+            args.reward_model_name_or_path, dtype=args.reward_dtype, device=device, **kwargs
         )
     from .rewards.vllm import VLLMBackend
 
     return VLLMBackend(args.reward_model_name_or_path, base_url=args.vllm_server_url, **generation)
-
-
-def _qwen_vl_processor(name_or_path: str):
-    """The VLM's processor. `AutoProcessor` returns a bare tokenizer (no error) for a folder saved with the
-    image-only processor (machines without torchvision, tiny test models); load that class explicitly then."""
-    from .rewards.qwen_vl import Qwen2_5_VLImageOnlyProcessor, load_qwen2_5_vl_processor
-
-    processor = load_qwen2_5_vl_processor(name_or_path)
-    if getattr(processor, "image_processor", None) is None:
-        logger.info("%s: loading the image-only Qwen2.5-VL processor", name_or_path)
-        processor = Qwen2_5_VLImageOnlyProcessor.from_pretrained(name_or_path)
-    return processor
 
 
 def build_reward(data: DataBundle, args: RewardArguments, tokenizer=None, max_shots: int | None = None, backend=None):
@@ -350,10 +337,7 @@ def load_or_build_selector(path: str | None, data: DataBundle, data_args: DataAr
 
         model = ICDSelectorForCausalLM.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        if model.config.num_items != len(data.features):
-            raise ValueError(
-                f"selector {path} has an item table of {model.config.num_items} rows, the corpus {len(data.features)}"
-            )
+        check_item_table(model, data.features, path)
         if model.config.num_slots < data_args.pool_size:
             raise ValueError(f"selector {path} has {model.config.num_slots} slots < pool_size={data_args.pool_size}")
         return model, tokenizer
@@ -364,6 +348,21 @@ def load_or_build_selector(path: str | None, data: DataBundle, data_args: DataAr
         max_shots=args.selector_max_shots, **overrides,
     )
     return model, build_selector_tokenizer(model.config)
+
+
+def check_item_table(model, features, source: str) -> None:
+    """A selector names items by feature-table row: its frozen table must be this corpus's features, or every
+    choice would point at a different item than the one it learned (e.g. after the corpus or featuriser changed)."""
+    import numpy as np
+
+    table = model.get_input_embeddings().features
+    expected = features.combined()
+    if tuple(table.shape) != expected.shape:
+        raise ValueError(f"selector {source} has an item table of shape {tuple(table.shape)}, the corpus's features "
+                         f"are {expected.shape}")
+    if not np.allclose(table.detach().cpu().float().numpy(), expected, atol=1e-5):
+        raise ValueError(f"selector {source} was trained on other features than this corpus's (same shape, different "
+                         "values): the corpus, its order or the featuriser changed")
 
 
 def save_policy(model, tokenizer, path: str) -> None:
@@ -548,7 +547,7 @@ def evaluate_methods(data: DataBundle, reward, query_ids, shots, pools: dict | N
             results.add(method, s, score_selections(reward, query_ids, picks))
         for name, (model, tokenizer) in (selectors or {}).items():
             if s > model.config.max_shots:
-                logger.warning("%s picks at most %d demonstrations; no %d-shot result", name, model.config.max_shots, s)
+                logger.info("%s picks at most %d demonstrations; no %d-shot result", name, model.config.max_shots, s)
                 continue
             picks = select_with_selector(model, tokenizer, data, pools, query_ids, num_shots=s)
             results.add(name, s, score_selections(reward, query_ids, picks))
@@ -566,8 +565,8 @@ def run_demo_evaluation(model, tokenizer, data: DataBundle, data_args: DataArgum
     `accuracy_vs_shots.png` and `training_curves.png` to `output_dir`.
 
     `eval_results.json` holds one accuracy per method: `selector` = the trained selector, greedy, stopping where it
-    chooses; `random` / `image_sim` / `text_sim` = each baseline at its *best* shot count in 1..max_shots (a
-    conservative bar for the selector); `oracle` = the best accuracy any selection of min_shots..max_shots items
+    chooses; `random` / `image_sim` / `text_sim` = each baseline at its *best* shot count in 1..max(4, max_shots)
+    (a conservative bar for the selector); `oracle` = the best accuracy any selection of min_shots..max_shots items
     from the selector's pool reaches (demo world only: the simulated answerer knows it)."""
     import json
 
@@ -581,7 +580,8 @@ def run_demo_evaluation(model, tokenizer, data: DataBundle, data_args: DataArgum
     pools = build_pools(data, data_args, query_ids)
     reward = build_reward(data, reward_args)
     max_shots, min_shots = model.config.max_shots, model.config.min_shots
-    results = evaluate_methods(data, reward, query_ids, range(0, max_shots + 1), pools=pools,
+    baseline_max_shots = max(4, max_shots)
+    results = evaluate_methods(data, reward, query_ids, range(0, baseline_max_shots + 1), pools=pools,
                                selectors={"selector": (model, tokenizer)}, seed=data_args.pool_seed)
     own = select_with_selector(model, tokenizer, data, pools, query_ids)
     own_accuracy = score_selections(reward, query_ids, own)
@@ -594,7 +594,7 @@ def run_demo_evaluation(model, tokenizer, data: DataBundle, data_args: DataArgum
     results.add("oracle (pool)", max_shots, oracle)
     summary = {"selector": float(np.mean(own_accuracy)), "oracle": float(np.mean(oracle))}
     for method in BASELINES:
-        summary[method] = max(results.mean(method, s) for s in range(1, max_shots + 1))
+        summary[method] = max(results.mean(method, s) for s in range(1, baseline_max_shots + 1))
     summary = {key: summary[key] for key in ("random", "image_sim", "text_sim", "selector", "oracle")}
 
     os.makedirs(output_dir, exist_ok=True)

@@ -160,13 +160,14 @@ class ICDGRPOTrainer(GRPOTrainer):
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
+        mode = "train" if self.model.training else "eval"
+        trl_zero_std_entries = len(self._metrics[mode]["frac_reward_zero_std"])
         self._gathered_rewards_per_func = None
         output = super()._generate_and_score_completions(inputs)
         rewards_per_func, self._gathered_rewards_per_func = self._gathered_rewards_per_func, None
         if rewards_per_func is None:
             raise RuntimeError("GRPOTrainer scored completions without calling _calculate_rewards.")
 
-        mode = "train" if self.model.training else "eval"
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
         rewards = aggregate_rewards(rewards_per_func, self.reward_weights, group_size, self.multi_objective_aggregation)
         advantages = compute_group_advantages(
@@ -184,17 +185,19 @@ class ICDGRPOTrainer(GRPOTrainer):
             )
         start = self.accelerator.process_index * local_rows
         output["advantages"] = advantages[start : start + local_rows].to(output["advantages"])
-        self._log_advantages(mode, advantages, rewards, group_size)
+        self._log_advantages(mode, advantages, rewards, group_size, trl_zero_std_entries)
         return output
 
-    def _log_advantages(self, mode: str, advantages: torch.Tensor, rewards: torch.Tensor, group_size: int) -> None:
+    def _log_advantages(
+        self, mode: str, advantages: torch.Tensor, rewards: torch.Tensor, group_size: int, trl_zero_std_entries: int
+    ) -> None:
         """Log this trainer's diagnostics and overwrite what TRL derived from its own advantages."""
         metrics = self._metrics[mode]
-        for name, value in advantage_stats(advantages, rewards, group_size).items():
-            if name == "frac_reward_zero_std" and metrics[name]:
-                metrics[name][-1] = value  # TRL appended its own value for this batch
-            else:
-                metrics[name].append(value)
+        stats = advantage_stats(advantages, rewards, group_size)
+        zero_std = metrics["frac_reward_zero_std"]
+        del zero_std[trl_zero_std_entries:]  # TRL's value for this batch (from its own normalisation)
+        for name, value in stats.items():
+            metrics[name].append(value)
         logged = self._logs["advantages"]
         replaced = min(len(logged), advantages.numel())
         for _ in range(replaced):

@@ -75,6 +75,17 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     ),
 }
 
+# Wording that says nothing about what is asked, shared by every question type (real questions vary in phrasing the
+# same way): text similarity is drawn to a shared opening or closing, a selector can learn to look past it.
+QUESTION_OPENINGS: tuple[str, ...] = (
+    "",
+    "Looking at this image, ",
+    "Quick question about the picture: ",
+    "Tell me, please, ",
+    "Here is something I wonder about: ",
+)
+QUESTION_CLOSINGS: tuple[str, ...] = ("", " Answer in one or two words.", " I would like a short answer.", " Thanks a lot!")
+
 # What annotators who do not give the canonical answer say instead (normalised VQA answers: lower case, no articles).
 COLOUR_ALTERNATIVES = {
     "red": ("crimson", "pink", "orange"),
@@ -113,6 +124,10 @@ class DemoWorldConfig:
         default=0.7,
         metadata={"help": "Fraction of questions whose answer is a per-concept word (types 'name' and 'origin')."},
     )
+    varied_wording: bool = field(
+        default=True,
+        metadata={"help": "Give questions a random opening and closing shared across question types (text nuisance)."},
+    )
     answer_noise: float = field(
         default=0.15,
         metadata={"help": "Mean fraction of the 10 annotator answers that differ from the canonical answer."},
@@ -124,7 +139,10 @@ class DemoWorldConfig:
     min_canonical_answers: int = field(
         default=3, metadata={"help": "Fewest annotators (of 10) giving the canonical answer; it always leads."}
     )
-    rotation_degrees: float = field(default=10.0, metadata={"help": "Largest random rotation of a shape."})
+    rotation_degrees: float = field(default=5.0, metadata={"help": "Largest random rotation of a shape."})
+    radius_range: tuple[float, float] = field(
+        default=(0.25, 0.36), metadata={"help": "Range of the shape's radius as a fraction of the image side."}
+    )
     shade_jitter: int = field(default=20, metadata={"help": "Largest per-channel shift of the object colour (< 32)."})
     pixel_noise: int = field(default=8, metadata={"help": "Amplitude of per-pixel noise."})
 
@@ -141,6 +159,8 @@ class DemoWorldConfig:
             raise ValueError("min_canonical_answers must be in 1..10")
         if not 0 <= self.shade_jitter < 32:
             raise ValueError("shade_jitter must be in [0, 32) so shades stay in their colour bin")
+        if not 0.05 <= self.radius_range[0] <= self.radius_range[1] <= 0.4:
+            raise ValueError("radius_range must satisfy 0.05 <= low <= high <= 0.4")
         if self.image_size < 16:
             raise ValueError("image_size must be at least 16")
 
@@ -305,7 +325,10 @@ def _make_record(
     concept = concept_of(shape, colour)
     question_type = QUESTION_TYPES[int(rng.choice(len(QUESTION_TYPES), p=type_probabilities))]
     template_index = int(rng.integers(len(TEMPLATES[question_type])))
-    question = TEMPLATES[question_type][template_index].format(shape=shape, colour=colour)
+    core = TEMPLATES[question_type][template_index].format(shape=shape, colour=colour)
+    opening = QUESTION_OPENINGS[int(rng.integers(len(QUESTION_OPENINGS)))] if config.varied_wording else ""
+    closing = QUESTION_CLOSINGS[int(rng.integers(len(QUESTION_CLOSINGS)))] if config.varied_wording else ""
+    question = opening + (core[0].lower() + core[1:] if opening else core) + closing
 
     if question_type == "colour":
         canonical, alternatives = colour, COLOUR_ALTERNATIVES[colour]
@@ -321,7 +344,7 @@ def _make_record(
     )
 
     size = config.image_size
-    radius = float(rng.uniform(0.2, 0.34) * size)
+    radius = float(rng.uniform(*config.radius_range) * size)
     margin = radius * 1.15 + 1
     centre = (float(rng.uniform(margin, size - margin)), float(rng.uniform(margin, size - margin)))
     base = np.array(COLOURS[colour])
@@ -353,6 +376,7 @@ def _make_record(
         # question it names the shape it sees (wrong, but credited by the annotators who did the same).
         "zero_shot_answer": canonical if question_type in READABLE_TYPES else shape,
         "template": template_index,
+        "core_question": core,
         "render": {k: v for k, v in asdict(spec).items() if k not in ("shape", "size")},
     }
 

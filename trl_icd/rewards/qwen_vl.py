@@ -23,7 +23,6 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -178,17 +177,6 @@ def check_model_inputs(
         )
 
 
-@dataclass
-class _Batch:
-    """Model inputs for a batch of rendered texts, plus what the guards and the scorer need."""
-
-    inputs: dict
-
-    @property
-    def input_ids(self) -> torch.Tensor:
-        return self.inputs["input_ids"]
-
-
 def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -212,6 +200,7 @@ class QwenVLBackend(RewardBackend):
             the plain processor path).
         shared_prefill: score all candidates of a prompt (and the greedy answer) from one prefill; False scores
             each (prompt, answer) as one full sequence.
+        bucketing: batch only prompts with the same number of images (False: batches in input order, mixed).
         model_name, revision: recorded in `identity` (default: the model's `name_or_path`).
     """
 
@@ -231,6 +220,7 @@ class QwenVLBackend(RewardBackend):
         vision_cache_size: int = 512,
         shared_prefill: bool = True,
         candidate_batch_size: int = 64,
+        bucketing: bool = True,
         model_name: str | None = None,
         revision: str | None = None,
         progress: bool = False,
@@ -249,6 +239,7 @@ class QwenVLBackend(RewardBackend):
         self.include_end = include_end
         self.stop_strings = tuple(stop_strings)
         self.shared_prefill = shared_prefill
+        self.bucketing = bucketing
         self.progress = progress
         self.model_name = model_name or getattr(model, "name_or_path", "") or ""
         self.revision = revision if revision is not None else getattr(model.config, "_commit_hash", None)
@@ -269,7 +260,6 @@ class QwenVLBackend(RewardBackend):
         self.pad_token_id = self.tokenizer.pad_token_id
         if self.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token")
-        self.tokenizer.padding_side = "left"  # also passed on every call; see check_model_inputs
 
         self.vision_cache = VisionFeatureCache(vision_cache_size) if vision_cache_size > 0 else None
         self._generation_config = GenerationConfig(
@@ -305,7 +295,9 @@ class QwenVLBackend(RewardBackend):
     ) -> QwenVLBackend:
         """Load a checkpoint (Hub id or local path). `dtype` None: float32 on CPU (exact batched == single
         parity), bfloat16 on CUDA (about 0.2 nats of batch-composition noise; pass float32 for exact scores)."""
-        device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(device)
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         elif isinstance(dtype, str) and dtype != "auto":
@@ -324,10 +316,13 @@ class QwenVLBackend(RewardBackend):
 
     # ------------------------------------------------------------------ identity
     def _build_identity(self) -> dict:
-        params = dict(self.model.named_parameters())
-        # A weight fingerprint tells two unnamed (random / fine-tuned in place) models apart.
+        # A weight fingerprint tells unnamed (random, fine-tuned in place) models apart; exact values only (no sums),
+        # so the same checkpoint in the same dtype gets the same identity on every device and process.
         fingerprint = stable_hash(
-            [(name, list(p.shape), p.detach().flatten()[:16].float().cpu().tolist()) for name, p in sorted(params.items())]
+            [
+                (name, list(p.shape), p.detach().flatten()[:16].float().cpu().tolist())
+                for name, p in sorted(self.model.named_parameters())
+            ]
         )
         return {
             "backend": "qwen2_5_vl_hf",
@@ -363,8 +358,8 @@ class QwenVLBackend(RewardBackend):
         with self._lock:
             answers: list[str | None] = [None] * len(prompts)
             for rows in self._buckets(prompts):
-                batch = self._encode([self._render(prompts[i]) for i in rows], [prompts[i] for i in rows])
-                for row, text in zip(rows, self._generate(batch)):
+                inputs = self._encode([self._render(prompts[i]) for i in rows], [prompts[i] for i in rows])
+                for row, text in zip(rows, self._generate(inputs)):
                     answers[row] = text
             return answers
 
@@ -406,13 +401,21 @@ class QwenVLBackend(RewardBackend):
         return text
 
     def _buckets(self, prompts: Sequence[InContextPrompt]) -> Iterator[list[int]]:
-        """Batches of prompt positions, bucketed by image count (a 0-shot row next to a 4-shot row is mostly pad)."""
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].items))
-        chunks = list(_chunks(order, self.batch_size))
+        """Batches of prompt positions. With `bucketing`, one image count per batch: a 0-shot row next to a 4-shot
+        row is mostly padding, and padded attention is the costliest part of a batch (2x on CPU here)."""
+        if self.bucketing:
+            by_count: dict[int, list[int]] = {}
+            for i, prompt in enumerate(prompts):
+                by_count.setdefault(len(prompt.items), []).append(i)
+            groups = [rows for _, rows in sorted(by_count.items())]
+        else:
+            groups = [list(range(len(prompts)))]
+        chunks = [list(chunk) for rows in groups for chunk in _chunks(rows, self.batch_size)]
         yield from tqdm(chunks, desc="scoring", disable=not self.progress or len(chunks) < 2)
 
-    def _encode(self, texts: list[str], prompts: Sequence[InContextPrompt]) -> _Batch:
-        """Tokenise `texts` (prompt i's text, possibly followed by an answer) with prompt i's images, left padded."""
+    def _encode(self, texts: list[str], prompts: Sequence[InContextPrompt]) -> dict:
+        """Model inputs for `texts` (prompt i's text, possibly followed by an answer) with prompt i's images, left
+        padded and checked by `check_model_inputs`."""
         if self.vision_cache is None:
             images = [self.prompt_format.images(p) for p in prompts]
             image_tokens = [[self._image_tokens(image) for image in row] for row in images]
@@ -439,8 +442,7 @@ class QwenVLBackend(RewardBackend):
         inputs.pop("token_type_ids", None)
         check_model_inputs(inputs, image_tokens, self.image_token_id, self.merge_size)
         device = self.model.device
-        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-        return _Batch(inputs=inputs)
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
     def _image_tokens(self, image) -> int:
         """Image tokens of one image at this backend's pixel bounds, from its size alone."""
@@ -522,19 +524,18 @@ class QwenVLBackend(RewardBackend):
             prompt_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             for answer in dict.fromkeys(cands):
                 pairs.append((i, answer, self._answer_ids(text, prompt_ids, answer)))
-        order = sorted(range(len(pairs)), key=lambda k: len(prompts[pairs[k][0]].items))
         scores: dict[tuple[int, str], float] = {}
-        for chunk in _chunks(order, self.batch_size):
+        for chunk in self._buckets([prompts[i] for i, _, _ in pairs]):
             chunk_pairs = [pairs[k] for k in chunk]
             full_texts = [texts[i] + answer + self._end_text(answer) for i, answer, _ in chunk_pairs]
-            batch = self._encode(full_texts, [prompts[i] for i, _, _ in chunk_pairs])
+            inputs = self._encode(full_texts, [prompts[i] for i, _, _ in chunk_pairs])
             n_max = max(len(ids) for _, _, ids in chunk_pairs)
-            logits = self._forward(batch, use_cache=False, logits_to_keep=n_max + 1).logits
+            logits = self._forward(inputs, use_cache=False, logits_to_keep=n_max + 1).logits
             logprobs = logits.float().log_softmax(-1)
             kept = logprobs.shape[1]
             for row, (i, answer, ids) in enumerate(chunk_pairs):
                 n = len(ids)
-                target = batch.input_ids[row, -n:]
+                target = inputs["input_ids"][row, -n:]
                 if target.tolist() != ids:
                     raise AnswerTokenizationError(f"the last {n} tokens of row {row} are not the answer {answer!r}")
                 picked = logprobs[row, kept - n - 1 : kept - 1].gather(-1, target[:, None])
@@ -550,15 +551,14 @@ class QwenVLBackend(RewardBackend):
         scores: list[list[float] | None] = [None] * len(prompts)
         for rows in self._buckets(prompts):
             texts = [self._render(prompts[i]) for i in rows]
-            batch = self._encode(texts, [prompts[i] for i in rows])
-            inputs = batch.inputs
+            inputs = self._encode(texts, [prompts[i] for i in rows])
             positions, _ = self.model.model.get_rope_index(
                 inputs["input_ids"], inputs["mm_token_type_ids"], inputs.get("image_grid_thw"),
                 attention_mask=inputs["attention_mask"],
             )
             next_position = positions.amax(dim=(0, 2)) + 1  # [B]: the first answer token's rope position
             cache = DynamicCache(config=self.model.config)
-            out = self._forward(batch, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+            out = self._forward(inputs, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
             first_logits = out.logits[:, -1].float()
             self.stats["prompts_prefilled"] += len(rows)
 
@@ -645,18 +645,17 @@ class QwenVLBackend(RewardBackend):
             finished |= token == self.eos_token_id
         return self._decode(torch.stack(generated, dim=1))
 
-    def _generate(self, batch: _Batch) -> list[str]:
+    def _generate(self, inputs: dict) -> list[str]:
         with self._clean_generation_config():
-            out = self.model.generate(**batch.inputs, generation_config=self._generation_config)
+            out = self.model.generate(**inputs, generation_config=self._generation_config)
         self.stats["model_calls"] += 1
-        return self._decode(out[:, batch.input_ids.shape[1] :])
+        return self._decode(out[:, inputs["input_ids"].shape[1] :])
 
     def _decode(self, new_tokens: torch.Tensor) -> list[str]:
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [postprocess_answer(t, self.stop_strings) for t in texts]
 
-    def _forward(self, batch: _Batch, **kwargs):
-        inputs = batch.inputs
+    def _forward(self, inputs: dict, **kwargs):
         if inputs.get("mm_token_type_ids") is None:  # re-checked here: nothing reaches the model without it
             raise BatchGuardError("mm_token_type_ids is missing")
         self.stats["model_calls"] += 1

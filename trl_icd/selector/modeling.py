@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
@@ -524,4 +524,5 @@ class ICDSelectorForCausalLM(ICDSelectorPreTrainedModel, GenerationMixin):
         return super().generate(*args, **kwargs)
 
 
+AutoModel.register(ICDSelectorConfig, ICDSelectorModel, exist_ok=True)
 AutoModelForCausalLM.register(ICDSelectorConfig, ICDSelectorForCausalLM, exist_ok=True)
