@@ -3,8 +3,8 @@
 The stream: each step takes `--queries-per-step` training queries (cycling, so later epochs revisit them) and G =
 `--group-size` selector samples per query. A simulated selector draws 1..`--max-shots` demonstrations from the
 query's candidate pool (pools of one training set overlap, so demonstration images recur across queries), with
-fixed per-query preferences that sharpen over the steps, as a learning selector's do (also for the number of shots); this produces the repeats within a group
-and across epochs that a real selector produces.
+fixed per-query preferences (over candidates and over the number of shots) that sharpen over the steps, as a
+learning selector's do; this produces the repeats within a group and across epochs that a real selector produces.
 
 Modes (same model, same stream, the answer plus every distinct gold answer's log-prob for each row):
   (a) one pair at a time, nothing reused: the research code's way (processor + full forward per gold answer,

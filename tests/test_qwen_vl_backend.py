@@ -157,6 +157,11 @@ def test_vision_cache_gives_identical_inputs_and_counts_hits(tiny, prompts):
         features = tiny[0].model.get_image_features(b["pixel_values"], b["image_grid_thw"]).pooler_output
     for got, want in zip(a["mm_encoder_outputs"]["image"].pooler_output, features):
         assert torch.equal(got, want)
+    # An image's features are the same alone as inside a batch of other images (what makes a per-image cache valid).
+    first = int(b["image_grid_thw"][0].prod())
+    with torch.inference_mode():
+        alone = tiny[0].model.get_image_features(b["pixel_values"][:first], b["image_grid_thw"][:1]).pooler_output[0]
+    assert torch.equal(alone, features[0])
     distinct_images = len({item.image_key for p in prompts for item in p.items})
     assert cached.vision_cache.misses == distinct_images and len(cached.vision_cache) == distinct_images
     cached.answer(prompts)

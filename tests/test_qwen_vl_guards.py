@@ -45,7 +45,9 @@ def prompts(corpus):
 
 def processor_batch(processor, prompts, images=None, padding_side="left"):
     fmt = PromptFormat()
-    texts = [processor.apply_chat_template(fmt.messages(p), tokenize=False, add_generation_prompt=True) for p in prompts]
+    texts = [
+        processor.apply_chat_template(fmt.messages(p), tokenize=False, add_generation_prompt=True) for p in prompts
+    ]
     images = images if images is not None else [im for p in prompts for im in fmt.images(p)]
     return dict(processor(text=texts, images=images, padding=True, padding_side=padding_side, return_tensors="pt"))
 
@@ -83,7 +85,8 @@ def test_missing_mm_token_type_ids_is_refused(tiny, prompts):
     stale = dict(inputs, mm_token_type_ids=torch.zeros_like(inputs["mm_token_type_ids"]))
     with pytest.raises(BatchGuardError, match="disagree"):
         check_model_inputs(stale, intended_tokens(processor, prompts), processor.image_token_id, 2)
-    check_model_inputs(inputs, intended_tokens(processor, prompts), processor.image_token_id, 2)  # the real batch passes
+    # The real batch passes.
+    check_model_inputs(inputs, intended_tokens(processor, prompts), processor.image_token_id, 2)
 
 
 def test_right_padding_is_refused_and_overridden(tiny, prompts, corpus):

@@ -165,6 +165,16 @@ def test_generate_feeds_the_whole_sequence_even_with_use_cache():
     assert all(len(check_valid(row, pool, 2, 4)) >= 2 for row, (_, pool) in zip(completions, pools))
 
 
+def test_shot_bounds_can_be_narrowed_after_creation():
+    """The masks read the config's bounds at every forward: evaluating at a fixed shot count needs no new model."""
+    model, tokenizer = tiny_selector(num_slots=6, min_shots=1, max_shots=4, peaked=True)
+    model.config.min_shots = model.config.max_shots = 2
+    pools = random_pools(7, 40, 6, seed=4, sizes=[3, 6])
+    _, _, completions = sample(model, tokenizer, pools, temperature=1.5)
+    for row, completion in enumerate(completions.tolist()):
+        assert len(check_valid(completion, pools[row // RETURN_SEQUENCES][1], 2, 2)) == 2
+
+
 def test_bad_sequences_raise():
     model, tokenizer = tiny_selector(num_items=40, num_slots=4)
     prompt = tokenizer(selector_prompt(3, [4, 5], vocabulary=tokenizer))["input_ids"]

@@ -14,13 +14,15 @@ def tokenizer():
 
 def test_code_prompt_writes_rows_as_base_256_digits_and_fills_empty_slots(tokenizer):
     words = selector_prompt(258, [0, 513], vocabulary=tokenizer).split()  # 258 = 1*256 + 2, 513 = 2*256 + 1
-    assert words[:9] == ["<code_0>", "<code_1>", "<code_2>", "<code_0>", "<code_0>", "<code_0>", "<code_0>", "<code_2>", "<code_1>"]
+    assert words[:9] == [f"<code_{d}>" for d in (0, 1, 2, 0, 0, 0, 0, 2, 1)]
     assert words[9:] == ["<empty>"] * 6
     assert len(words) == (1 + 4) * 3
 
 
 def test_prompt_tokenizes_without_specials_to_a_fixed_length(tokenizer):
-    encoded = tokenizer([selector_prompt(5, [1, 2, 3, 4], vocabulary=tokenizer), selector_prompt(7, [], vocabulary=tokenizer)])
+    encoded = tokenizer(
+        [selector_prompt(5, [1, 2, 3, 4], vocabulary=tokenizer), selector_prompt(7, [], vocabulary=tokenizer)]
+    )
     assert [len(ids) for ids in encoded["input_ids"]] == [15, 15]  # no BOS/EOS added (TRL adds special tokens)
     assert tokenizer.unk_token_id not in sum(encoded["input_ids"], [])
     assert tokenizer.padding_side == "left" and tokenizer.bos_token is None
@@ -37,8 +39,9 @@ def test_token_vocabulary_prompt():
 
 
 def test_default_vocabulary_matches_any_default_config():
-    """`selector_prompt(q, cands, K)` without a vocabulary writes the default code, the one every default config uses."""
-    assert selector_prompt(3, [9], 2) == selector_prompt(3, [9], vocabulary=ICDSelectorConfig(num_items=20, num_slots=2, max_shots=2))
+    """Without a vocabulary, `selector_prompt` writes the default code: the one every default config uses."""
+    config = ICDSelectorConfig(num_items=20, num_slots=2, max_shots=2)
+    assert selector_prompt(3, [9], 2) == selector_prompt(3, [9], vocabulary=config)
 
 
 @pytest.mark.parametrize(

@@ -132,9 +132,8 @@ def policy_statistics(model, tokenizer, dataset, preferred) -> tuple[float, floa
         with torch.no_grad():
             probs = model(input_ids=ids).logits[:, -3:].float().softmax(-1)
         first = probs[0, 0]
-        first_preferred.append(
-            sum(first[SLOT_OFFSET + k].item() for k, c in enumerate(row["candidate_ids"]) if c in preferred[row["query_id"]])
-        )
+        good = [k for k, c in enumerate(row["candidate_ids"]) if c in preferred[row["query_id"]]]
+        first_preferred.append(sum(first[SLOT_OFFSET + k].item() for k in good))
         length_two.append(
             sum(
                 first[SLOT_OFFSET + a].item() * probs[i, 1, SLOT_OFFSET + b].item() * probs[i, 2, STOP_ID].item()
@@ -176,7 +175,9 @@ def test_icd_grpo_trainer_learns_preferred_picks_and_when_to_stop(tmp_path):
     assert math.isclose(chance_length, 0.25, abs_tol=1e-6)  # fair stop coin at step 1 and at step 2
     args = grpo_config(tmp_path, temperature=0.9)  # gradient checkpointing on (TRL's default)
     assert args.gradient_checkpointing
-    trainer = ICDGRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = ICDGRPOTrainer(
+        model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
     trainer.train()
     pick, length = policy_statistics(trainer.model, tokenizer, dataset, preferred)
     assert pick > chance_pick + 0.25, (chance_pick, pick)  # measured: 0.36 -> 0.70

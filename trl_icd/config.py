@@ -122,3 +122,9 @@ class ICDGRPOConfig(GRPOConfig):
                 self.scale_rewards,
                 self.advantage_mode,
             )
+
+
+# The RCE warm-up's arguments are defined next to their trainer (`trl_icd.rce`) and exported with the other configs.
+from .rce import RCEConfig  # noqa: E402
+
+__all__.append("RCEConfig")

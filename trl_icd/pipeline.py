@@ -196,6 +196,7 @@ class DataBundle:
 
 
 def build_demo_world(args: DataArguments):
+    """The demo world at the world's default difficulty, sized and seeded by `args`."""
     from .data.demo import build_demo_world as build
 
     kwargs = {"seed": args.demo_seed}
@@ -237,11 +238,8 @@ def load_features(args: DataArguments, corpus):
     return fallback_features(corpus, text_dim=args.fallback_text_dim)
 
 
-def load_data(args: DataArguments, world=None) -> DataBundle:
-    if world is not None:
-        corpus = world.corpus
-    else:
-        corpus, world = load_corpus(args)
+def load_data(args: DataArguments) -> DataBundle:
+    corpus, world = load_corpus(args)
     features = load_features(args, corpus)
     train_ids = corpus.ids_in_split(args.train_split)
     eval_ids = corpus.ids_in_split(args.eval_split)

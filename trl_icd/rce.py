@@ -324,6 +324,10 @@ class RCETrainer(Trainer):
     def __init__(self, model, args=None, train_dataset=None, eval_dataset=None, processing_class=None, **kwargs):
         if processing_class is None:
             raise ValueError("RCETrainer needs `processing_class` (the policy's tokenizer)")
+        if args is None:
+            args = RCEConfig(output_dir="rce_output")
+        elif not isinstance(args, RCEConfig):
+            raise TypeError(f"RCETrainer needs an RCEConfig, got {type(args).__name__}")
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         data_collator = kwargs.pop("data_collator", None) or RCECollator(
             tokenizer,

@@ -1,22 +1,25 @@
 """The demo world: a small synthetic VQA corpus whose best demonstrations are known, so in-context demonstration
 selection can be learned offline in minutes and judged against an oracle.
 
-Every item shows one coloured shape on a muted background (position, size, rotation, background and the exact
-shade vary: nuisance the features see but the answers ignore) and asks one templated question of one of four types:
+Every item shows one coloured shape on a plain background (position, size, rotation, background and the exact shade
+vary: nuisance the features see but the answers ignore) and asks one templated question of one of five types:
 
 - ``colour`` and ``shape``: the answer can be read off the image (the colour / shape name);
-- ``name`` and ``origin``: the answer is an arbitrary word fixed per *concept* (shape x colour), like OK-VQA's outside
-  knowledge: nothing in the image reveals it, so the simulated answerer (`trl_icd.rewards.SimulatedBackend`) gets it
-  right only by copying it from a demonstration of the same concept *and* question type.
+- ``name``, ``origin`` and ``use``: the answer is an arbitrary word fixed per *concept* (shape x colour) and type,
+  like OK-VQA's outside knowledge: nothing in the image reveals it, so the simulated answerer
+  (`trl_icd.rewards.SimulatedBackend`) gets it right only by copying it from a demonstration of the same concept
+  *and* question type.
 
 Relevance is therefore an AND over the two modalities: the concept is visible only in the image, the question type
-only in the text. Image-similarity retrieval finds the concept but not the type, text-similarity retrieval the type
-(and, for templates naming an attribute, half the concept) but not the concept; a selector that reads both can
-pick the demonstrations that really match. See docs/demo_world.md for the rule and measured baselines.
+only in a few key words of the question. Image-similarity retrieval finds the concept but not the type; text
+similarity is drawn to the question's frame and its opening/closing words, which every type shares, more than to
+the key words; even the two similarities added together miss often. A selector that learns which features matter
+can pick the demonstrations that really match. docs/demo_world.md has the rule and measured baselines.
 
 Hidden ground truth lives in `CorpusItem.meta`: ``concept``, ``shape``, ``colour``, ``question_type``,
 ``answer_source`` ("image" | "knowledge"), ``zero_shot_answer`` (what the answerer says with no demonstrations),
-``template`` (index of the question template) and ``render`` (the nuisance parameters of the image).
+``template`` (index of the question frame), ``core_question`` (the question without opening/closing words) and
+``render`` (the nuisance parameters of the image).
 """
 
 from __future__ import annotations
@@ -48,31 +51,22 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross")
 BACKGROUNDS: tuple[tuple[int, int, int], ...] = ((232, 232, 232), (24, 24, 24), (24, 24, 96), (240, 224, 200))
 
 READABLE_TYPES = ("colour", "shape")
-KNOWLEDGE_TYPES = ("name", "origin")
+KNOWLEDGE_TYPES = ("name", "origin", "use")
 QUESTION_TYPES = READABLE_TYPES + KNOWLEDGE_TYPES
 
-# Per type: templates; `{shape}` / `{colour}` name one attribute of the item (so text similarity sees half a concept).
+# Per type, three question frames in parallel across the types: a frame names the item's shape or colour (so text
+# similarity sees half a concept) or neither, and is shared by every type; only the type's key words ("colour",
+# "shape", "called", "come from", "used for") say what is asked.
 TEMPLATES: dict[str, tuple[str, ...]] = {
-    "colour": (
-        "What colour is the {shape}?",
-        "What colour is this object?",
-        "Which colour does the thing in the picture have?",
-    ),
-    "shape": (
-        "What shape is the {colour} object?",
-        "What shape is this?",
-        "Which shape is shown in the picture?",
-    ),
-    "name": (
-        "What is this {shape} called?",
-        "What do people call this thing?",
-        "What is the name of the {colour} object?",
-    ),
+    "colour": ("What colour is this {shape}?", "What colour is this thing?", "What colour is the object here?"),
+    "shape": ("What shape is the {colour} object?", "What shape is this thing?", "What shape is the object here?"),
+    "name": ("What is this {shape} called?", "What is this thing called?", "What is the {colour} object called?"),
     "origin": (
         "Where does this {shape} come from?",
-        "Which land is this thing from?",
-        "Where was the {colour} object made?",
+        "Where does this thing come from?",
+        "Where does the {colour} object come from?",
     ),
+    "use": ("What is this {shape} used for?", "What is this thing used for?", "What is the {colour} object used for?"),
 }
 
 # Wording that says nothing about what is asked, shared by every question type (real questions vary in phrasing the
@@ -120,9 +114,12 @@ class DemoWorldConfig:
     image_size: int = field(default=48, metadata={"help": "Side of the square images in pixels."})
     num_shapes: int = field(default=4, metadata={"help": f"Shapes used, the first N of {SHAPES}."})
     num_colours: int = field(default=5, metadata={"help": f"Colours used, the first N of {tuple(COLOURS)}."})
+    knowledge_types: tuple[str, ...] = field(
+        default=KNOWLEDGE_TYPES,
+        metadata={"help": f"Question types whose answer is a per-concept word, a subset of {KNOWLEDGE_TYPES}."},
+    )
     knowledge_fraction: float = field(
-        default=0.7,
-        metadata={"help": "Fraction of questions whose answer is a per-concept word (types 'name' and 'origin')."},
+        default=0.7, metadata={"help": "Fraction of questions of a knowledge type (the rest ask colour or shape)."}
     )
     varied_wording: bool = field(
         default=True,
@@ -155,6 +152,12 @@ class DemoWorldConfig:
             raise ValueError("knowledge_fraction and ambiguous_fraction must be in [0, 1]")
         if not 0.0 <= self.answer_noise < 1.0:
             raise ValueError("answer_noise must be in [0, 1)")
+        self.knowledge_types = tuple(self.knowledge_types)
+        unknown = set(self.knowledge_types) - set(KNOWLEDGE_TYPES)
+        if unknown or len(set(self.knowledge_types)) != len(self.knowledge_types):
+            raise ValueError(f"knowledge_types must be distinct names from {KNOWLEDGE_TYPES}, got {self.knowledge_types}")
+        if not self.knowledge_types and self.knowledge_fraction > 0:
+            raise ValueError("knowledge_fraction > 0 needs at least one knowledge type")
         if not 1 <= self.min_canonical_answers <= 10:
             raise ValueError("min_canonical_answers must be in 1..10")
         if not 0 <= self.shade_jitter < 32:
@@ -279,6 +282,10 @@ class DemoWorld:
     knowledge: dict[str, dict[str, str]]  # question type -> concept -> answer word
 
     @property
+    def question_types(self) -> tuple[str, ...]:
+        return READABLE_TYPES + self.config.knowledge_types
+
+    @property
     def concepts(self) -> list[str]:
         return [concept_of(s, c) for s in self.shapes for c in self.colours]
 
@@ -300,14 +307,15 @@ class DemoWorld:
             "config": asdict(self.config),
             "splits": {split: len(self.ids(split)) for split in self.corpus.splits},
             "concepts": len(self.concepts),
-            "question_types": list(QUESTION_TYPES),
+            "question_types": list(self.question_types),
         }
 
 
-def _question_type_probabilities(knowledge_fraction: float) -> np.ndarray:
-    readable = (1.0 - knowledge_fraction) / len(READABLE_TYPES)
-    knowledge = knowledge_fraction / len(KNOWLEDGE_TYPES)
-    return np.array([readable] * len(READABLE_TYPES) + [knowledge] * len(KNOWLEDGE_TYPES))
+def _question_type_probabilities(config: DemoWorldConfig) -> dict[str, float]:
+    knowledge = config.knowledge_types
+    readable = (1.0 - config.knowledge_fraction) / len(READABLE_TYPES)
+    return {**dict.fromkeys(READABLE_TYPES, readable),
+            **dict.fromkeys(knowledge, config.knowledge_fraction / max(len(knowledge), 1))}
 
 
 def _make_record(
@@ -317,13 +325,14 @@ def _make_record(
     shapes: Sequence[str],
     colours: Sequence[str],
     knowledge: dict[str, dict[str, str]],
-    type_probabilities: np.ndarray,
+    type_probabilities: dict[str, float],
     rng: np.random.Generator,
 ) -> dict:
     shape = shapes[int(rng.integers(len(shapes)))]
     colour = colours[int(rng.integers(len(colours)))]
     concept = concept_of(shape, colour)
-    question_type = QUESTION_TYPES[int(rng.choice(len(QUESTION_TYPES), p=type_probabilities))]
+    types = list(type_probabilities)
+    question_type = types[int(rng.choice(len(types), p=list(type_probabilities.values())))]
     template_index = int(rng.integers(len(TEMPLATES[question_type])))
     core = TEMPLATES[question_type][template_index].format(shape=shape, colour=colour)
     opening = QUESTION_OPENINGS[int(rng.integers(len(QUESTION_OPENINGS)))] if config.varied_wording else ""
@@ -396,12 +405,13 @@ def build_demo_world(config: DemoWorldConfig | None = None, **overrides) -> Demo
     concepts = [concept_of(s, c) for s in shapes for c in colours]
     reserved = set(SHAPES) | set(COLOURS) | {a for alts in (*COLOUR_ALTERNATIVES.values(),
                                                            *SHAPE_ALTERNATIVES.values()) for a in alts}
-    words = _pseudo_words(rng, len(concepts) * len(KNOWLEDGE_TYPES), reserved | set(_KNOWLEDGE_UNSURE))
+    knowledge_types = config.knowledge_types
+    words = _pseudo_words(rng, len(concepts) * len(knowledge_types), reserved | set(_KNOWLEDGE_UNSURE))
     knowledge = {
         qtype: dict(zip(concepts, words[k * len(concepts) : (k + 1) * len(concepts)], strict=True))
-        for k, qtype in enumerate(KNOWLEDGE_TYPES)
+        for k, qtype in enumerate(knowledge_types)
     }
-    type_probabilities = _question_type_probabilities(config.knowledge_fraction)
+    type_probabilities = _question_type_probabilities(config)
     records = []
     splits = (("train", config.num_train), ("val", config.num_eval), ("test", config.num_test))
     for split, count in splits:

@@ -498,7 +498,8 @@ class QwenVLBackend(RewardBackend):
             return [self.eos_token_id]
         ids = self.tokenizer(prompt_text + answer, add_special_tokens=False)["input_ids"]
         tail = ids[len(prompt_ids) :]
-        if ids[: len(prompt_ids)] != prompt_ids or tail != self.tokenizer(answer, add_special_tokens=False)["input_ids"]:
+        alone = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        if ids[: len(prompt_ids)] != prompt_ids or tail != alone:
             raise AnswerTokenizationError(f"answer {answer!r} merges with the end of the prompt when tokenised")
         return tail + [self.eos_token_id] if self.include_end else tail
 
@@ -572,11 +573,13 @@ class QwenVLBackend(RewardBackend):
                         distinct[answer] = len(pairs)
                         pairs.append((b, self._answer_ids(text, prompt_ids, answer)))
                 slots.append([distinct[a] for a in answers[i]])
-            pair_scores = self._score_continuations(cache, first_logits, inputs["attention_mask"], next_position, pairs)
+            mask = inputs["attention_mask"]
+            pair_scores = self._score_continuations(cache, first_logits, mask, next_position, pairs)
             for b, i in enumerate(rows):
                 scores[i] = [pair_scores[k] for k in slots[b]]
             if with_greedy:
-                for b, text in enumerate(self._greedy_decode(cache, first_logits, inputs["attention_mask"], next_position)):
+                decoded = self._greedy_decode(cache, first_logits, mask, next_position)
+                for b, text in enumerate(decoded):
                     greedy[rows[b]] = text
         return (greedy if with_greedy else None), scores
 

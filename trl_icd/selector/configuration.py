@@ -29,8 +29,8 @@ class ICDSelectorConfig(PreTrainedConfig):
         hidden_size (`int`): width of the transformer.
         intermediate_size (`int`, *optional*): MLP width (default `4 * hidden_size`).
         num_layers (`int`): context-encoder layers (self-attention over the query and its candidates).
-        num_decoder_layers (`int`): pointer-decoder layers (causal self-attention over the picks so far + cross-attention
-            to the encoded query and candidates).
+        num_decoder_layers (`int`): pointer-decoder layers (causal self-attention over the picks so far +
+            cross-attention to the encoded query and candidates).
         num_heads (`int`): attention heads.
         dropout (`float`): dropout in attention and residual branches (0: sampling and scoring see the same network).
         layer_norm_eps (`float`): LayerNorm epsilon.
@@ -99,7 +99,9 @@ class ICDSelectorConfig(PreTrainedConfig):
         if self.num_layers < 0 or self.num_decoder_layers < 1:
             raise ValueError("num_layers must be >= 0 and num_decoder_layers >= 1")
         if not 0 <= self.min_shots <= self.max_shots or self.max_shots < 1:
-            raise ValueError(f"need 0 <= min_shots <= max_shots and max_shots >= 1, got {self.min_shots}, {self.max_shots}")
+            raise ValueError(
+                f"need 0 <= min_shots <= max_shots and max_shots >= 1, got {self.min_shots}, {self.max_shots}"
+            )
         if self.max_shots > self.num_slots:
             raise ValueError(f"max_shots={self.max_shots} exceeds num_slots={self.num_slots}")
         if not self.score_softcap > 0:

@@ -63,8 +63,11 @@ class SelectorBatch:
     alive: torch.Tensor  # [B, C+1] bool
 
 
-def _decode_item_rows(tokens: torch.Tensor, vocabulary: SelectorVocabulary) -> tuple[torch.Tensor, torch.Tensor]:
-    """Feature-table rows named by prompt tokens `[B, 1+K, words_per_item]` -> (rows, empty, invalid)."""
+def _decode_item_rows(
+    tokens: torch.Tensor, vocabulary: SelectorVocabulary
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Feature-table rows named by prompt tokens `[B, 1+K, words_per_item]` -> (rows, empty, invalid), each
+    `[B, 1+K]`; `invalid` marks words that name no row (or an empty query)."""
     empty = (tokens == EMPTY_ID).all(-1)
     digits = tokens - vocabulary.item_offset
     in_range = ((digits >= 0) & (digits < vocabulary.num_item_words)).all(-1)
@@ -348,7 +351,6 @@ class ICDSelectorModel(ICDSelectorPreTrainedModel):
         self.decoder = nn.ModuleList(SelectorDecoderLayer(config) for _ in range(config.num_decoder_layers))
         self.decoder_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.pointer = PointerHead(config)
-        self.gradient_checkpointing = False
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -386,7 +388,9 @@ class ICDSelectorModel(ICDSelectorPreTrainedModel):
         inputs = torch.cat([context[:, :1], torch.where(batch.alive[:, 1:, None], picked, 0.0)], dim=1)
         kinds = torch.where(batch.alive, STEP_PICK, STEP_DONE)
         kinds[:, 0] = STEP_BEGIN
-        states = inputs + self.step_kinds(kinds) + self.step_positions(steps.clamp(max=config.max_shots + 1))
+        # (config.max_shots may be lowered after creation, e.g. to evaluate at a fixed shot count: clamp to the table)
+        positions = steps.clamp(max=self.step_positions.num_embeddings - 1)
+        states = inputs + self.step_kinds(kinds) + self.step_positions(positions)
         causal = torch.ones(num_steps, num_steps, dtype=torch.bool, device=input_ids.device).tril()
         causal = causal.expand(states.shape[0], -1, -1)
         decoder_context_visible = context_visible.expand(-1, num_steps, -1)
@@ -406,7 +410,8 @@ class ICDSelectorModel(ICDSelectorPreTrainedModel):
 
         # 4. align with token positions: the score row of step s sits at the position of prompt-last + s
         length = input_ids.shape[1]
-        step_at = torch.arange(length, device=input_ids.device) - (batch.start[:, None] + self.vocabulary.prompt_length - 1)
+        last_prompt_position = batch.start[:, None] + self.vocabulary.prompt_length - 1
+        step_at = torch.arange(length, device=input_ids.device) - last_prompt_position
         rows = step_scores.gather(1, step_at.clamp(min=0)[..., None].expand(-1, -1, step_scores.shape[-1]))
         filler = torch.full_like(step_scores[:, :1], neg)
         filler[..., config.num_slots] = 0.0  # prompt positions: never scored; a finite "stop only" row

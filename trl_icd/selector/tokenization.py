@@ -2,8 +2,8 @@
 
 A prompt names feature-table rows: the query, then `num_slots` candidate slots (`<empty>` beyond the pool):
 
-    code mode (default, 256 x 3 digits):  "<code_0> <code_0> <code_17> <code_0> <code_3> <code_232> ... <empty> <empty> <empty>"
-    token mode:                            "<item_17> <item_1000> <item_42> <empty>"
+    code mode (default, 3 base-256 digits): "<code_0> <code_0> <code_17> <code_0> <code_3> <code_232> ... <empty> ..."
+    token mode:                             "<item_17> <item_1000> <item_42> <empty>"
 
 A completion is slot tokens (positions in the candidate list) then `<stop>`: ids `[slot_3, slot_0, stop]`, decoded by
 TRL (`skip_special_tokens=True`) as the text "<slot_3> <slot_0>".
