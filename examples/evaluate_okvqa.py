@@ -4,7 +4,7 @@ through the reward backend (and its cache). Writes a Markdown table with 95% con
 comparison of each selector against the best baseline at each shot count, the per-query results (JSON) and a plot.
 
     python examples/evaluate_okvqa.py --config recipes/okvqa/plan5.yaml \\
-        --selectors outputs/okvqa/plan5 outputs/okvqa/plan7 --shots 0 1 2 3 4 --output_dir eval/okvqa
+        --selectors outputs/okvqa/plan5 outputs/okvqa/plan7 --shots 0 1 2 3 4 --results_dir eval/okvqa
 
 The selectors' candidate pools come from the same `build_pools` as training (the recipe's pool settings): a
 per-query pool for every validation question, never one fixed pool for all. All val questions are used unless
@@ -13,7 +13,6 @@ per-query pool for every validation question, never one fixed pool for all. All 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -38,7 +37,7 @@ logger = logging.getLogger("evaluate_okvqa")
 
 @dataclass
 class EvalArguments:
-    output_dir: str = field(default="eval", metadata={"help": "Where the table, JSON and plot go."})
+    results_dir: str = field(default="eval", metadata={"help": "Where the table, JSON and plot go."})
     selectors: list[str] = field(
         default_factory=list, metadata={"help": "Trained selector folders to evaluate (each is one method)."}
     )
@@ -50,7 +49,7 @@ class EvalArguments:
         default_factory=lambda: list(BASELINES), metadata={"help": "Retrieval baselines: random, image_sim, text_sim."}
     )
     limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N val queries."})
-    seed: int = field(default=0, metadata={"help": "Seed of the random baseline."})
+    random_seed: int = field(default=0, metadata={"help": "Seed of the random baseline."})
 
 
 def main(argv=None) -> dict:
@@ -87,23 +86,23 @@ def main(argv=None) -> dict:
     logger.info("%d queries x shots %s x methods %s", len(query_ids), args.shots, ["zero_shot", *args.baselines, *names])
 
     results = evaluate_methods(data, reward, query_ids, args.shots, pools=pools, selectors=selectors,
-                               baselines=args.baselines, seed=args.seed)
+                               baselines=args.baselines, seed=args.random_seed)
     results.meta.update({
         "dataset": data_args.dataset, "split": data_args.eval_split, "limit": args.limit,
         "pool_size": data_args.pool_size, "pool_method": data_args.pool_method, "scorer": reward.scorer_hash,
         "selectors": dict(zip(names, args.selectors, strict=True)),
     })
-    os.makedirs(args.output_dir, exist_ok=True)
+    os.makedirs(args.results_dir, exist_ok=True)
     sections = [markdown_table(results)]
     if names:
         sections.append(markdown_comparison_table(results, names, ["zero_shot", *args.baselines]))
     table = "\n\n".join(sections)
-    with open(os.path.join(args.output_dir, "results.md"), "w") as f:
+    with open(os.path.join(args.results_dir, "results.md"), "w") as f:
         f.write(table + "\n")
-    results.save_json(os.path.join(args.output_dir, "results.json"))
-    plot_accuracy_vs_shots(results, os.path.join(args.output_dir, "accuracy_vs_shots.png"))
+    results.save_json(os.path.join(args.results_dir, "results.json"))
+    plot_accuracy_vs_shots(results, os.path.join(args.results_dir, "accuracy_vs_shots.png"))
     print(table)
-    return {"output_dir": args.output_dir, "summary": results.to_dict(per_query=False)["summary"]}
+    return {"results_dir": args.results_dir, "summary": results.to_dict(per_query=False)["summary"]}
 
 
 if __name__ == "__main__":

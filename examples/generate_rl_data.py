@@ -68,7 +68,7 @@ class RLDataArguments:
         default=5, metadata={"help": "Similarity sequences per modality (consecutive windows of the pool's ranking)."}
     )
     num_random: int = field(default=1, metadata={"help": "Random sequences per query."})
-    seed: int = field(default=0, metadata={"help": "Seed of the random sequences."})
+    random_seed: int = field(default=0, metadata={"help": "Seed of the random sequences."})
     batch_size: int = field(default=256, metadata={"help": "Pairs scored (and written) per chunk."})
 
 
@@ -153,7 +153,7 @@ def main(argv=None) -> dict:
             for modality in ("image", "text"):
                 for rank, demos in enumerate(similarity_sequences(data, q, pools[q], modality, s, args.num_retrieval)):
                     propose(q, f"{modality}_sim", demos, {"retrieval_rank": rank, "num_shots": s})
-            for demos in random_sequences(q, pools[q], s, args.num_random, args.seed):
+            for demos in random_sequences(q, pools[q], s, args.num_random, args.random_seed):
                 propose(q, "random", demos, {"num_shots": s})
 
     pairs = [(q, demos, source, extra) for q in query_ids for demos, (source, extra) in proposals[q].items()]

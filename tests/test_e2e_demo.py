@@ -16,7 +16,7 @@ def start_policy_accuracy(start_dir, out) -> float:
     train = load_script("train_okvqa")
     _, data_args, reward_args, selector_args, *_ = train.make_parser().parse_args_and_config(
         ["--config", str(ROOT / "recipes" / "demo" / "cpu.yaml"), "--output_dir", str(out),
-         "--demo_num_train", "500", "--demo_num_eval", "120", "--demo_num_test", "0"]
+         "--demo_num_eval", "120", "--demo_num_test", "0"]
     )
     data = pipeline.load_data(data_args)
     model, tokenizer = pipeline.load_or_build_selector(start_dir, data, data_args, selector_args)
@@ -32,7 +32,7 @@ def test_short_demo_learns(tmp_path):
         [
             "--config", str(ROOT / "recipes" / "demo" / "cpu.yaml"),
             "--output_dir", str(out),
-            "--demo_num_train", "500", "--demo_num_eval", "120", "--demo_num_test", "0",
+            "--demo_num_eval", "120", "--demo_num_test", "0",
             "--max_steps", "100", "--logging_steps", "10", "--disable_tqdm", "true",
         ]
     )

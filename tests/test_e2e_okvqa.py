@@ -105,7 +105,7 @@ def test_train_rce_grpo_checkpoint_and_resume(okvqa):
     # The evaluation script on the fixture's val split: table, JSON, plot; the selector next to every baseline.
     evaluated = load_script("evaluate_okvqa").main(
         ["--config", str(recipe), "--selectors", str(out), "--selector_names", "grpo", "--shots", "0", "1", "2",
-         "--output_dir", str(root / "eval")]
+         "--results_dir", str(root / "eval")]
     )
     table = (root / "eval" / "results.md").read_text()
     for method in ("zero_shot", "random", "image_sim", "text_sim", "grpo"):

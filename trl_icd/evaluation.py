@@ -20,9 +20,9 @@ import json
 import logging
 import math
 import os
-from functools import lru_cache
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from statistics import NormalDist
 

@@ -19,10 +19,12 @@ hidden `concept`, `question_type`, `answer_source` and `zero_shot_answer` in `Co
 4. p(a) = (support(a) + smoothing) / (Σ_b support(b) + smoothing · vocabulary_size) [smoothing 0.001, vocabulary
    1000]: the gold answer is likely exactly when relevant demonstrations vote for it, so `gt_prob` is informative.
 
-Consequences: a code-word ("name"/"origin") question is answered right only when a matching demonstration is shown
-and out-votes the rest; irrelevant demonstrations dilute the image's vote and add votes for wrong answers, so accuracy
-falls as random demonstrations are added; one same-type demonstration with another answer beats the image from
-three shots on — more is not always better.
+Consequences: a knowledge question (name / origin / use) is answered right only when a matching demonstration is
+shown and out-votes the rest; irrelevant demonstrations dilute the image's vote and add votes for wrong answers, so
+accuracy falls as random demonstrations are added; two same-type demonstrations sharing a wrong answer beat the image
+from two shots on, one from four shots on — more is not always better. A match out-votes any one near miss, so a
+selection that covers several question types of the right concept ("hedging") also works, once it has as many slots
+as there are knowledge types; keep `max_shots` below that (2 with the default world) to make the type matter.
 
 The oracle
 ----------

@@ -2,11 +2,15 @@
 
 from .configuration import ICDSelectorConfig  # noqa: F401  (registers AutoConfig)
 from .modeling import ICDSelectorForCausalLM  # noqa: F401  (registers AutoModelForCausalLM)
+from .modeling import ICDSelectorModel  # noqa: F401
 from .tokenization import build_selector_tokenizer, parse_selection, selector_prompt  # noqa: F401
+from .vocabulary import SelectorVocabulary  # noqa: F401
 
 __all__ = [
     "ICDSelectorConfig",
     "ICDSelectorForCausalLM",
+    "ICDSelectorModel",
+    "SelectorVocabulary",
     "build_selector_tokenizer",
     "parse_selection",
     "selector_prompt",

@@ -1,0 +1,68 @@
+"""The building blocks the end-to-end scripts share: argument checks, the selector's item-table check, fixed shot
+counts, and how RL-data sequences are drawn from a pool."""
+
+import numpy as np
+import pytest
+import torch
+from e2e_scripts import load_script
+
+from trl_icd.data import Corpus
+from trl_icd.data.features import FeatureTable
+from trl_icd.pipeline import DataArguments, DataBundle, RewardArguments, check_item_table, fixed_shots
+
+
+def _bundle(n=6):
+    corpus = Corpus.from_records(
+        [{"id": i, "question": f"q{i}", "answers": ["a"] * 10, "image_id": i, "split": "train"} for i in range(n)]
+    )
+    # Image similarity to item 0 falls with the id: row i = (1 - i/10, sqrt(1 - (1 - i/10)^2)).
+    x = 1.0 - np.arange(n) / 10.0
+    image = np.stack([x, np.sqrt(1.0 - x**2)], axis=1).astype(np.float32)
+    # Text similarity to item 0 rises with the id: row 0 = (1, 0), row i = (0.4 + i/10, ...).
+    t = np.concatenate([[1.0], 0.4 + np.arange(1, n) / 10.0])
+    text = np.stack([t, np.sqrt(1.0 - t**2)], axis=1).astype(np.float32)
+    features = FeatureTable(corpus.ids, image, text)
+    return DataBundle(corpus, features, corpus.ids, [])
+
+
+def test_argument_checks():
+    with pytest.raises(ValueError, match="dataset_path"):
+        DataArguments(dataset="okvqa")
+    with pytest.raises(ValueError, match="dataset must be"):
+        DataArguments(dataset="coco")
+    with pytest.raises(ValueError, match="vllm_server_url"):
+        RewardArguments(reward_backend="vllm")
+
+
+def test_similarity_sequences_are_ranked_windows_most_similar_last():
+    generate = load_script("generate_rl_data")
+    data = _bundle()
+    pool = [5, 3, 1, 2, 4]
+    # image similarity to query 0: 1 > 2 > 3 > 4 > 5; windows of 2, most similar last
+    assert generate.similarity_sequences(data, 0, pool, "image", 2, 3) == [(2, 1), (4, 3)]
+    # text similarity runs the other way
+    assert generate.similarity_sequences(data, 0, pool, "text", 2, 1) == [(4, 5)]
+    picks = generate.random_sequences(0, pool, 2, 3, seed=0)
+    assert picks == generate.random_sequences(0, pool, 2, 3, seed=0)  # deterministic
+    assert all(len(set(p)) == 2 and set(p) <= set(pool) for p in picks)
+
+
+def test_item_table_must_match_the_corpus_features():
+    from trl_icd.selector import ICDSelectorForCausalLM
+
+    data = _bundle()
+    model = ICDSelectorForCausalLM.from_features(
+        torch.from_numpy(data.features.combined()), num_slots=4, max_shots=2, hidden_size=16, num_heads=2
+    )
+    check_item_table(model, data.features, "fresh")
+    shifted = FeatureTable(data.features.ids, data.features.image[::-1].copy(), data.features.text)
+    with pytest.raises(ValueError, match="other features"):
+        check_item_table(model, shifted, "fresh")
+
+    with fixed_shots(model, 1):
+        assert (model.config.min_shots, model.config.max_shots) == (1, 1)
+    assert (model.config.min_shots, model.config.max_shots) == (1, 2)
+    with pytest.raises(ValueError, match="1..2"):
+        with fixed_shots(model, 3):
+            pass
+    assert (model.config.min_shots, model.config.max_shots) == (1, 2)
