@@ -182,7 +182,8 @@ def main(argv=None) -> EvaluationResults:
     best_sim = max(results.mean(m, s) for m in ("image_sim", "text_sim") for s in args.shots if s > 0)
     best_oracle = max(results.mean("oracle (1..s)", s) for s in args.shots if s > 0)
     best_random = max(results.mean("random", s) for s in args.shots if s > 0)
-    print(f"\nmatches per pool: mean {np.mean(matches):.2f}, pools with >= 1 match {np.mean(np.array(matches) > 0):.1%}")
+    with_match = np.mean(np.array(matches) > 0)
+    print(f"\nmatches per pool: mean {np.mean(matches):.2f}, pools with >= 1 match {with_match:.1%}")
     print(f"best similarity retrieval / oracle (1..max shots) = {best_sim:.3f} / {best_oracle:.3f} = "
           f"{best_sim / best_oracle:.2f}; best random = {best_random:.3f}")
     print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items())

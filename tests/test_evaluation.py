@@ -20,7 +20,9 @@ from trl_icd.evaluation import (
 )
 
 # Two-sided 95% critical values of Student's t (standard tables) and the normal limit.
-T_TABLE = {1: 12.706204736, 2: 4.302652730, 3: 3.182446305, 4: 2.776445105, 9: 2.262157163, 29: 2.045229642, 120: 1.979930405}
+T_TABLE = {
+    1: 12.706204736, 2: 4.302652730, 3: 3.182446305, 4: 2.776445105, 9: 2.262157163, 29: 2.045229642, 120: 1.979930405
+}
 
 
 @pytest.mark.parametrize("df,value", sorted(T_TABLE.items()))

@@ -113,7 +113,8 @@ def test_logprobs_follow_the_rule(hand, backend):
 
 def test_answer_and_logprob_and_identity(hand, backend):
     assert isinstance(backend, RewardBackend)
-    prompts = [InContextPrompt(hand[q], tuple(hand[d] for d in demos)) for q, demos in [(0, [10]), (1, [13, 14]), (0, [])]]
+    cases = [(0, [10]), (1, [13, 14]), (0, [])]
+    prompts = [InContextPrompt(hand[q], tuple(hand[d] for d in demos)) for q, demos in cases]
     gold = [list(p.query.answers) for p in prompts]
     assert backend.answer_and_logprob(prompts, gold) == (backend.answer(prompts), backend.answer_logprob(prompts, gold))
     json.dumps(backend.identity)

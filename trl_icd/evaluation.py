@@ -269,7 +269,7 @@ class EvaluationResults:
         values = _as_values(accuracies, f"accuracies of {method!r} at {shots} shots")
         expected = len(self.query_ids) if self.query_ids is not None else self.num_queries
         if expected is not None and values.size != expected:
-            raise ValueError(f"{method!r} at {shots} shots has {values.size} values, expected {expected} (one per query)")
+            raise ValueError(f"{method!r} at {shots} shots: {values.size} values, expected {expected} (one per query)")
         self.per_query.setdefault(str(method), {})[int(shots)] = values
 
     @property
@@ -310,7 +310,9 @@ class EvaluationResults:
         present = [m for m in among if shots in self.per_query.get(m, {})]
         return max(present, key=lambda m: (self.mean(m, shots), -present.index(m))) if present else None
 
-    def compare_to_best(self, method: str, baselines: Sequence[str], **kwargs) -> dict[int, tuple[str, PairedComparison]]:
+    def compare_to_best(
+        self, method: str, baselines: Sequence[str], **kwargs
+    ) -> dict[int, tuple[str, PairedComparison]]:
         """Per shot count: (best baseline there, paired comparison of `method` against it)."""
         out = {}
         for shots in sorted(self.per_query.get(method, {})):
@@ -329,7 +331,9 @@ class EvaluationResults:
         out = {"level": self.level, "ci_method": self.ci_method, "meta": self.meta, "summary": summary}
         if per_query:
             out["query_ids"] = self.query_ids
-            out["per_query"] = {m: {str(s): v.tolist() for s, v in cells.items()} for m, cells in self.per_query.items()}
+            out["per_query"] = {
+                m: {str(s): v.tolist() for s, v in cells.items()} for m, cells in self.per_query.items()
+            }
         return out
 
     def save_json(self, path: str | os.PathLike, per_query: bool = True) -> Path:
@@ -387,7 +391,7 @@ def markdown_table(
     methods = list(methods) if methods is not None else results.methods
     shots = results.shots
     level = f"{results.level:.0%}"
-    header = f"| Method | " + " | ".join(f"{s}-shot" for s in shots) + " |"
+    header = "| Method | " + " | ".join(f"{s}-shot" for s in shots) + " |"
     lines = [header, "|---|" + "---|" * len(shots)]
     for method in methods:
         cells = [
@@ -408,10 +412,14 @@ def markdown_comparison_table(
 ) -> str:
     """Each of `methods` against the best of `baselines` at each shot count: paired difference, CI, p-value."""
     level = f"{results.level:.0%}"
-    lines = [f"| Method | Shots | Best baseline | Δ ({level} CI) | p | wins/losses/ties |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"| Method | Shots | Best baseline | Δ ({level} CI) | p | wins/losses/ties |",
+        "|---|---|---|---|---|---|",
+    ]
     for method in methods:
         for shots, (best, cmp) in results.compare_to_best(method, baselines, **kwargs).items():
-            delta = f"{cmp.mean_diff * scale:+.{digits}f} [{cmp.low * scale:+.{digits}f}, {cmp.high * scale:+.{digits}f}]"
+            low, high = cmp.low * scale, cmp.high * scale
+            delta = f"{cmp.mean_diff * scale:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
             lines.append(
                 f"| {method} | {shots} | {best} | {delta} | {cmp.p_value:.3g} | {cmp.wins}/{cmp.losses}/{cmp.ties} |"
             )

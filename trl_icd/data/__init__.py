@@ -21,6 +21,7 @@ _NAMES = {
     "build_selector_dataset": ".selector_dataset",
     "build_demo_world": ".demo",
     "DemoWorld": ".demo",
+    "DemoWorldConfig": ".demo",
 }
 __all__ = sorted(["Corpus", "CorpusItem", "ImageLoadError", "most_common_answer", *_NAMES])
 __getattr__ = lazy_module_getattr(__name__, _NAMES)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from functools import cached_property
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -78,7 +77,12 @@ QUESTION_OPENINGS: tuple[str, ...] = (
     "Tell me, please, ",
     "Here is something I wonder about: ",
 )
-QUESTION_CLOSINGS: tuple[str, ...] = ("", " Answer in one or two words.", " I would like a short answer.", " Thanks a lot!")
+QUESTION_CLOSINGS: tuple[str, ...] = (
+    "",
+    " Answer in one or two words.",
+    " I would like a short answer.",
+    " Thanks a lot!",
+)
 
 # What annotators who do not give the canonical answer say instead (normalised VQA answers: lower case, no articles).
 COLOUR_ALTERNATIVES = {
@@ -107,7 +111,9 @@ _CODAS = ("", "n", "r", "l", "s", "x")
 class DemoWorldConfig:
     """Size and difficulty of the demo world. Everything is deterministic under `seed`."""
 
-    num_train: int = field(default=1200, metadata={"help": "Items in the 'train' split (queries and demonstration pool)."})
+    num_train: int = field(
+        default=1200, metadata={"help": "Items in the 'train' split (training queries and the demonstration pool)."}
+    )
     num_eval: int = field(default=200, metadata={"help": "Held-out queries in the 'val' split."})
     num_test: int = field(default=200, metadata={"help": "Held-out queries in the 'test' split."})
     seed: int = field(default=0, metadata={"help": "Seed of everything random in the world."})
@@ -155,7 +161,7 @@ class DemoWorldConfig:
         self.knowledge_types = tuple(self.knowledge_types)
         unknown = set(self.knowledge_types) - set(KNOWLEDGE_TYPES)
         if unknown or len(set(self.knowledge_types)) != len(self.knowledge_types):
-            raise ValueError(f"knowledge_types must be distinct names from {KNOWLEDGE_TYPES}, got {self.knowledge_types}")
+            raise ValueError(f"knowledge_types must be distinct names from {KNOWLEDGE_TYPES}: {self.knowledge_types}")
         if not self.knowledge_types and self.knowledge_fraction > 0:
             raise ValueError("knowledge_fraction > 0 needs at least one knowledge type")
         if not 1 <= self.min_canonical_answers <= 10:
@@ -288,11 +294,6 @@ class DemoWorld:
     @property
     def concepts(self) -> list[str]:
         return [concept_of(s, c) for s in self.shapes for c in self.colours]
-
-    @cached_property
-    def answer_vocabulary(self) -> tuple[str, ...]:
-        """Every distinct annotator answer in the corpus, sorted (the simulated answerer's vocabulary)."""
-        return tuple(sorted({a for item in self.corpus for a in item.answers}))
 
     def ids(self, split: str) -> list:
         return self.corpus.ids_in_split(split)

@@ -13,6 +13,8 @@ _NAMES = {
     "Qwen2_5_VLImageOnlyProcessor": ".qwen_vl",
     "VLLMBackend": ".vllm",
     "SimulatedBackend": ".simulated",
+    "SimulatorRule": ".simulated",
+    "OracleResult": ".simulated",
     "RewardCache": ".cache",
     "reward_components": ".components",
     "InContextReward": ".in_context",

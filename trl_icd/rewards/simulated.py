@@ -200,7 +200,8 @@ class SimulatedBackend(RewardBackend):
         if len(prompts) != len(answers):
             raise ValueError(f"{len(prompts)} prompts but {len(answers)} answer lists")
         supports = [self.support(p) for p in prompts]
-        return [self._winner(s) for s in supports], [self._logprobs(s, a) for s, a in zip(supports, answers, strict=True)]
+        logprobs = [self._logprobs(s, a) for s, a in zip(supports, answers, strict=True)]
+        return [self._winner(s) for s in supports], logprobs
 
     # -- the oracle ----------------------------------------------------------------------------------------------
 
