@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from PIL import Image
 
 from ..data.corpus import CorpusItem
+
+# The research post-processing: a reply that runs on into "Question: ..." or lists "a, b" keeps only its first part.
+RESEARCH_STOP_STRINGS = ("Question", "Answer", "Short", ", ")
 
 _NUMBER_WORDS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 
@@ -110,3 +114,26 @@ def prompt_texts(fmt: PromptFormat, prompts: Sequence[InContextPrompt]) -> list[
         parts = ["<image>" + fmt.demo_text(d) for d in p.demos] + ["<image>" + fmt.query_text(p.query)]
         out.append("".join(parts))
     return out
+
+
+def postprocess_answer(text: str, stop_strings: Sequence[str] = RESEARCH_STOP_STRINGS) -> str:
+    """Cut a generated reply at the first stop string, then strip (every backend answers through this)."""
+    if stop_strings:
+        text = re.split("|".join(re.escape(s) for s in stop_strings), text, maxsplit=1)[0]
+    return text.strip()
+
+
+def generation_identity(
+    max_new_tokens: int, num_beams: int, length_penalty: float, eos: str, stop_strings: Sequence[str]
+) -> dict:
+    """The generation settings that change an answer, as every backend reports them in its `identity`: decoding is
+    always deterministic (no sampling, no repetition penalty, whatever a checkpoint's generation config says)."""
+    return {
+        "max_new_tokens": max_new_tokens,
+        "num_beams": num_beams,
+        "length_penalty": length_penalty,
+        "do_sample": False,
+        "repetition_penalty": 1.0,
+        "eos": eos,
+        "stop_strings": list(stop_strings),
+    }

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -36,11 +35,16 @@ from transformers import (
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .backend import RewardBackend
-from .prompt import InContextPrompt, PromptFormat, stable_hash
+from .prompt import (  # noqa: F401  (RESEARCH_STOP_STRINGS, postprocess_answer: re-exported)
+    RESEARCH_STOP_STRINGS,
+    InContextPrompt,
+    PromptFormat,
+    generation_identity,
+    postprocess_answer,
+    stable_hash,
+)
 
 logger = logging.getLogger(__name__)
-
-RESEARCH_STOP_STRINGS = ("Question", "Answer", "Short", ", ")
 
 
 class Qwen2_5_VLImageOnlyProcessor(Qwen2_5_VLProcessor):
@@ -80,14 +84,6 @@ def load_qwen2_5_vl_processor(name_or_path: str, **kwargs) -> ProcessorMixin:
         reason = repr(err)
     logger.warning("stock processor for %s unavailable (%s); using the image-only processor", name_or_path, reason)
     return Qwen2_5_VLImageOnlyProcessor.from_pretrained(name_or_path, **kwargs)
-
-
-def postprocess_answer(text: str, stop_strings: Sequence[str] = RESEARCH_STOP_STRINGS) -> str:
-    """Cut a generated reply at the first stop string, then strip (the research post-processing: a reply that
-    runs on into "Question: ..." or lists "a, b" keeps only its first part)."""
-    if stop_strings:
-        text = re.split("|".join(re.escape(s) for s in stop_strings), text, maxsplit=1)[0]
-    return text.strip()
 
 
 class VisionFeatureCache:
@@ -334,15 +330,9 @@ class QwenVLBackend(RewardBackend):
             "chat_template": stable_hash(self.processor.chat_template or self.tokenizer.chat_template or ""),
             "tokenizer": [type(self.tokenizer).__name__, len(self.tokenizer)],
             "prompt_format": self.prompt_format.identity(),
-            "generation": {
-                "max_new_tokens": self.max_new_tokens,
-                "num_beams": self.num_beams,
-                "length_penalty": self.length_penalty,
-                "do_sample": False,
-                "repetition_penalty": 1.0,
-                "eos": "<|im_end|>",
-                "stop_strings": list(self.stop_strings),
-            },
+            "generation": generation_identity(
+                self.max_new_tokens, self.num_beams, self.length_penalty, "<|im_end|>", self.stop_strings
+            ),
             "min_pixels": self.min_pixels,
             "max_pixels": self.max_pixels,
             "include_end": self.include_end,

@@ -39,8 +39,7 @@ from http.client import HTTPException
 from PIL import Image
 
 from .backend import PartialBatchError, RewardBackend
-from .prompt import InContextPrompt, PromptFormat
-from .qwen_vl import RESEARCH_STOP_STRINGS, postprocess_answer
+from .prompt import RESEARCH_STOP_STRINGS, InContextPrompt, PromptFormat, generation_identity, postprocess_answer
 
 logger = logging.getLogger(__name__)
 
@@ -218,15 +217,9 @@ class VLLMBackend(RewardBackend):
             "revision": self.revision,
             "engine": engine,
             "prompt_format": self.prompt_format.identity(),
-            "generation": {
-                "max_new_tokens": self.max_new_tokens,
-                "num_beams": self.num_beams,
-                "length_penalty": self.length_penalty,
-                "do_sample": False,
-                "repetition_penalty": 1.0,
-                "eos": self.end_token,
-                "stop_strings": list(self.stop_strings),
-            },
+            "generation": generation_identity(
+                self.max_new_tokens, self.num_beams, self.length_penalty, self.end_token, self.stop_strings
+            ),
             "min_pixels": self.min_pixels,
             "max_pixels": self.max_pixels,
             "include_end": self.include_end,

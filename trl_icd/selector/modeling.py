@@ -35,7 +35,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 
 from .configuration import ICDSelectorConfig
-from .vocabulary import EMPTY_ID, PAD_ID, SLOT_OFFSET, STOP_ID, SelectorVocabulary
+from .vocabulary import EMPTY_ID, SLOT_OFFSET, STOP_ID, SelectorVocabulary
 
 # Roles of a prompt position and kinds of decoder inputs (rows of two small embeddings).
 ROLE_QUERY, ROLE_CANDIDATE, ROLE_EMPTY = 0, 1, 2
