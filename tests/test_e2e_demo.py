@@ -32,16 +32,17 @@ def test_short_demo_learns(tmp_path):
         [
             "--config", str(ROOT / "recipes" / "demo" / "cpu.yaml"),
             "--output_dir", str(out),
-            "--demo_num_test", "0", "--max_steps", "150", "--logging_steps", "10", "--disable_tqdm", "true",
+            "--demo_num_test", "0", "--max_steps", "400", "--logging_steps", "20", "--disable_tqdm", "true",
         ]
     )
     results = json.loads((out / "eval_results.json").read_text())
     assert set(results) == {"random", "image_sim", "text_sim", "selector", "oracle"}
     assert results == run["eval_results"]
-    assert results["selector"] >= results["random"] + 0.15, results
+    assert results["selector"] >= results["random"] + 0.3, results
+    assert results["selector"] > results["image_sim"], results
     # Learning, not just the pools: the start policy (uniform) picks from the same image-similarity pools.
     start = start_policy_accuracy(run["start_policy"], out)
-    assert results["selector"] >= start + 0.05, (results, start)
+    assert results["selector"] >= start + 0.2, (results, start)
     assert results["selector"] <= results["oracle"] + 1e-9
     for name in ("eval_table.md", "eval_details.json", "accuracy_vs_shots.png", "training_curves.png"):
         assert (out / name).stat().st_size > 0, name
