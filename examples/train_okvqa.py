@@ -128,10 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
             peft_config=get_peft_config(model_args),
         )
         trainer.train(resume_from_checkpoint=resume)
-        trainer.save_model(training_args.output_dir)
-        if training_args.process_index == 0:
-            tokenizer.save_pretrained(training_args.output_dir)
-        model = trainer.model
+        model = save_trained_selector(trainer, tokenizer, training_args)
         log_history = trainer.state.log_history
         run["global_step"] = trainer.state.global_step
         if trainer.ref_model is not None:
@@ -147,6 +144,25 @@ def main(argv: list[str] | None = None) -> dict:
         )
         print(json.dumps(run["eval_results"], indent=2))
     return run
+
+
+def save_trained_selector(trainer, tokenizer, training_args):
+    """Save the trained selector to `output_dir` as a full model that `from_pretrained` loads (strictly), and return
+    it. A LoRA run also keeps its adapter alone in `output_dir/adapter`; the selector saved is the merged model."""
+    from peft import PeftModel
+
+    if not isinstance(trainer.model, PeftModel):
+        trainer.save_model(training_args.output_dir)
+        if training_args.process_index == 0:
+            tokenizer.save_pretrained(training_args.output_dir)
+        return trainer.model
+    if training_args.process_index == 0:
+        trainer.model.save_pretrained(os.path.join(training_args.output_dir, "adapter"))
+    merged = trainer.model.merge_and_unload()
+    if training_args.process_index == 0:
+        save_policy(merged, tokenizer, training_args.output_dir)
+    wait_for_main_process()
+    return merged
 
 
 def wait_for_main_process() -> None:

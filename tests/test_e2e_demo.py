@@ -48,3 +48,42 @@ def test_short_demo_learns(tmp_path):
         assert (out / name).stat().st_size > 0, name
     assert "| selector |" in (out / "eval_table.md").read_text()
     assert Path(run["start_policy"]).is_dir()
+
+
+def test_lora_run_saves_a_loadable_merged_selector(tmp_path):
+    """A LoRA run keeps its adapter in `output_dir/adapter` and saves the merged selector, which loads strictly and
+    computes exactly what the trained (adapter-wrapped) policy computed."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    run = load_script("train_okvqa").main(
+        [
+            "--config", str(ROOT / "recipes" / "demo" / "cpu.yaml"),
+            "--output_dir", str(out),
+            "--demo_num_test", "0", "--max_steps", "3", "--evaluate", "false", "--disable_tqdm", "true",
+            "--use_peft", "true", "--lora_r", "4", "--lora_target_modules", "all-linear",
+        ]
+    )
+    assert run["global_step"] == 3
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    start = AutoModelForCausalLM.from_pretrained(run["start_policy"])
+    # Training moved the merged weights away from the start policy (LoRA deltas were folded in).
+    changed = [
+        name for name, p in loaded.named_parameters() if not torch.equal(p, dict(start.named_parameters())[name])
+    ]
+    assert changed, "the merged selector equals the start policy: LoRA weights were not merged"
+    # An independent path to the trained policy: the start policy with the saved adapter on top.
+    from peft import PeftModel
+
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run["start_policy"]), out / "adapter")
+    from transformers import AutoTokenizer
+
+    from trl_icd.selector import selector_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    text = selector_prompt(0, list(range(1, 1 + loaded.config.num_slots)), vocabulary=tokenizer)
+    prompt = tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(prompt).logits, adapted(prompt).logits, atol=1e-5, rtol=1e-5)
