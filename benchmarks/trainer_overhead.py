@@ -7,7 +7,7 @@ process's CPU time (less sensitive to other jobs on a shared machine); the first
 dropped, and one unrecorded run warms the process up first. Prints the median step time per variant and its ratio
 to stock (target <= 1.03), plus a micro-benchmark of the advantage computation alone.
 
-    python benchmarks/trainer_overhead.py --steps 20 --repeats 3
+    python benchmarks/trainer_overhead.py --steps 40 --repeats 6
 """
 
 from __future__ import annotations
@@ -134,9 +134,9 @@ def advantage_microbenchmark(batch: int, group: int, repeats: int = 2000) -> tup
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=20, help="optimiser steps per run")
+    parser.add_argument("--steps", type=int, default=40, help="optimiser steps per run")
     parser.add_argument("--warmup", type=int, default=3, help="steps dropped at the start of each run")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per variant")
+    parser.add_argument("--repeats", type=int, default=6, help="interleaved runs per variant")
     parser.add_argument("--batch", type=int, default=16, help="per-device batch (completions per step)")
     parser.add_argument("--group", type=int, default=8, help="num_generations")
     parser.add_argument("--completion-length", type=int, default=16)

@@ -15,16 +15,6 @@ ATOL = 1e-4  # fp32 batched-vs-single tolerance (measured max 1e-5)
 LAYOUT = [(0, 4), (1, 0), (2, 2), (3, 1), (4, 3), (5, 0), (6, 4), (7, 2)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's ops are microseconds long: a second thread only adds synchronisation (15x slower on a busy
-    2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def corpus():
     # Three image sizes -> three different image-token counts in one batch.

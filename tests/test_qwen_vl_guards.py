@@ -19,14 +19,6 @@ from trl_icd.rewards.qwen_vl import (
 from trl_icd.testing.qwen_vl import synthetic_vqa_corpus, tiny_qwen2_5_vl, tiny_qwen2_5_vl_processor
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def corpus():
     return synthetic_vqa_corpus(12, image_sizes=((112, 112), (84, 56), (56, 98)), seed=0)

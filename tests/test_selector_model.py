@@ -8,10 +8,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trl_icd.selector import ICDSelectorConfig, ICDSelectorForCausalLM, parse_selection, selector_prompt
 from trl_icd.selector.vocabulary import PAD_ID, SLOT_OFFSET, STOP_ID
-from trl_icd.testing.selector import random_pools, selector_prompts, single_torch_thread, tiny_selector
+from trl_icd.testing.selector import random_pools, selector_prompts, tiny_selector
 
 
-single_thread = pytest.fixture(autouse=True)(single_torch_thread)
 
 SHOT_BOUNDS = [(0, 1), (1, 3), (2, 4), (3, 3)]
 SAMPLING = [

@@ -12,10 +12,9 @@ from trl.trainer.utils import add_fused_lm_head
 from trl_icd import ICDGRPOConfig, ICDGRPOTrainer
 from trl_icd.selector import parse_selection, selector_prompt
 from trl_icd.selector.vocabulary import SLOT_OFFSET, STOP_ID
-from trl_icd.testing.selector import random_pools, selector_prompts, single_torch_thread, tiny_selector
+from trl_icd.testing.selector import random_pools, selector_prompts, tiny_selector
 
 
-single_thread = pytest.fixture(autouse=True)(single_torch_thread)
 
 
 def sampled_batch(model, tokenizer, pools, temperature, samples=4):

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 from transformers import PreTrainedTokenizerFast
 
 from ..selector import ICDSelectorForCausalLM, build_selector_tokenizer, selector_prompt
 
-__all__ = ["random_pools", "selector_prompts", "single_torch_thread", "tiny_selector"]
+__all__ = ["random_pools", "selector_prompts", "tiny_selector"]
 
 
 def tiny_selector(
@@ -68,14 +66,3 @@ def random_pools(
 
 def selector_prompts(pools: list[tuple[int, list[int]]], tokenizer) -> list[str]:
     return [selector_prompt(query, candidates, vocabulary=tokenizer) for query, candidates in pools]
-
-
-def single_torch_thread() -> Iterator[None]:
-    """Run a block with one intra-op thread (a pytest fixture body: `pytest.fixture(autouse=True)(...)`). The
-    selector's ops are tiny, so one thread is fastest, and it does not stall behind other jobs on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
