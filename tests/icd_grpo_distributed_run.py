@@ -51,6 +51,11 @@ def main(out_dir: str) -> None:
     ]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"world_size": world_size, "rank": rank, "records": records, "final_beta": trainer.beta}, f)
+    # Tear the process group down before exit: left to interpreter shutdown, gloo's threads can abort the process
+    # ("terminate called without an active exception") after the work is done.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
