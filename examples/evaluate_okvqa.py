@@ -18,7 +18,6 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from trl import TrlParser
 
 from trl_icd.pipeline import (
     BASELINES,
@@ -30,6 +29,7 @@ from trl_icd.pipeline import (
     evaluate_methods,
     load_data,
     load_or_build_selector,
+    parse_script_arguments,
 )
 
 logger = logging.getLogger("evaluate_okvqa")
@@ -53,14 +53,9 @@ class EvalArguments:
 
 
 def main(argv=None) -> dict:
-    parser = TrlParser((EvalArguments, DataArguments, RewardArguments, SelectorArguments))
-    # A training recipe may be passed as --config: its training-only keys are ignored, unknown CLI flags are not.
-    *parsed, _, unknown_cli = parser.parse_args_and_config(
-        argv, return_remaining_strings=True, separate_remaining_strings=True
+    args, data_args, reward_args, selector_args = parse_script_arguments(
+        (EvalArguments, DataArguments, RewardArguments, SelectorArguments), argv
     )
-    if unknown_cli:
-        parser.error(f"unrecognized arguments: {unknown_cli}")
-    args, data_args, reward_args, selector_args = parsed
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     from trl_icd.evaluation import (
         markdown_comparison_table,

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm.auto import tqdm
-from trl import TrlParser
 
 from trl_icd.rewards.prompt import stable_hash
 from trl_icd.pipeline import (
@@ -36,6 +35,7 @@ from trl_icd.pipeline import (
     fixed_shots,
     load_data,
     load_or_build_selector,
+    parse_script_arguments,
     selector_generate,
     training_query_ids,
 )
@@ -115,14 +115,9 @@ def selector_sequences(model, tokenizer, dataset, num_shots: int, args: RLDataAr
 
 
 def main(argv=None) -> dict:
-    parser = TrlParser((RLDataArguments, DataArguments, RewardArguments, SelectorArguments))
-    # A training recipe may be passed as --config: its training-only keys are ignored, unknown CLI flags are not.
-    *parsed, _, unknown_cli = parser.parse_args_and_config(
-        argv, return_remaining_strings=True, separate_remaining_strings=True
+    args, data_args, reward_args, selector_args = parse_script_arguments(
+        (RLDataArguments, DataArguments, RewardArguments, SelectorArguments), argv
     )
-    if unknown_cli:
-        parser.error(f"unrecognized arguments: {unknown_cli}")
-    args, data_args, reward_args, selector_args = parsed
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     data = load_data(data_args)
     query_ids = training_query_ids(data, data_args)

@@ -182,6 +182,21 @@ class RCEArguments:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def parse_script_arguments(dataclass_types, argv=None) -> list:
+    """Parse `argv` (and `--config recipe.yaml`) into `dataclass_types` with `TrlParser`. A training recipe may be
+    passed as the config of the RL-data or evaluation script: its training-only keys are ignored there, while an
+    unknown command-line flag is still an error."""
+    from trl import TrlParser
+
+    parser = TrlParser(tuple(dataclass_types))
+    *parsed, _, unknown_cli = parser.parse_args_and_config(
+        argv, return_remaining_strings=True, separate_remaining_strings=True
+    )
+    if unknown_cli:
+        parser.error(f"unrecognized arguments: {unknown_cli}")
+    return parsed
+
+
 @dataclass
 class DataBundle:
     """What every script needs: the corpus (pool items + queries), its features, and the split ids. `world` is the
