@@ -39,7 +39,8 @@ logger = logging.getLogger("evaluate_okvqa")
 class EvalArguments:
     results_dir: str = field(default="eval", metadata={"help": "Where the table, JSON and plot go."})
     selectors: list[str] = field(
-        default_factory=list, metadata={"help": "Trained selector folders to evaluate (each is one method)."}
+        default_factory=list,
+        metadata={"help": "Trained selector folders to evaluate (each is one method).", "aliases": ["--selector"]},
     )
     selector_names: list[str] = field(
         default_factory=list, metadata={"help": "Names of the selectors in the table (default: folder names)."}

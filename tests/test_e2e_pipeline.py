@@ -66,3 +66,14 @@ def test_item_table_must_match_the_corpus_features():
         with fixed_shots(model, 3):
             pass
     assert (model.config.min_shots, model.config.max_shots) == (1, 2)
+
+
+def test_evaluation_script_accepts_the_selector_flag_and_rejects_unknown_flags():
+    """`--selector` (as in the design's command line) is an alias of `--selectors`; a typo is an error, not ignored."""
+    from trl_icd.pipeline import SelectorArguments, parse_script_arguments
+
+    types = (load_script("evaluate_okvqa").EvalArguments, DataArguments, RewardArguments, SelectorArguments)
+    args, *_ = parse_script_arguments(types, ["--selector", "ckpt_a", "ckpt_b", "--shots", "0", "1"])
+    assert args.selectors == ["ckpt_a", "ckpt_b"] and args.shots == [0, 1]
+    with pytest.raises(SystemExit):
+        parse_script_arguments(types, ["--selectorz", "ckpt"])
