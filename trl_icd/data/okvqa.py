@@ -203,6 +203,15 @@ def _is_local(source: str | os.PathLike) -> bool:
     raise FileNotFoundError(f"{source!r} is neither an existing folder nor a Hub dataset id ('owner/name')")
 
 
+def _load_folder_or_hub(source, splits, image_root, layout, on_mismatch, hub_kwargs) -> Corpus:
+    """The official files in the folder `source` (file names from `layout`), else the Hub dataset `source`."""
+    if _is_local(source):
+        if hub_kwargs:
+            raise TypeError(f"Hub options {sorted(hub_kwargs)} given for the local folder {source}")
+        return _load_local(source, splits, image_root, layout, on_mismatch)
+    return load_vqa_hub(source, splits=splits, **hub_kwargs)
+
+
 def load_okvqa(
     source: str | os.PathLike,
     splits: str | Iterable[str] = SPLITS,
@@ -212,11 +221,7 @@ def load_okvqa(
 ) -> Corpus:
     """OK-VQA: `source` is a folder with the official files (see module docstring) or a Hub dataset id
     (`hub_kwargs` go to `load_vqa_hub`; `splits` are then our split names, mapped by the preset or `split_map`)."""
-    if _is_local(source):
-        if hub_kwargs:
-            raise TypeError(f"Hub options {sorted(hub_kwargs)} given for the local folder {source}")
-        return _load_local(source, splits, image_root, OKVQA_LAYOUT, on_mismatch)
-    return load_vqa_hub(source, splits=splits, **hub_kwargs)
+    return _load_folder_or_hub(source, splits, image_root, OKVQA_LAYOUT, on_mismatch, hub_kwargs)
 
 
 def load_vqav2(
@@ -227,11 +232,7 @@ def load_vqav2(
     **hub_kwargs,
 ) -> Corpus:
     """VQAv2, like `load_okvqa` but with the `v2_`-prefixed official file names."""
-    if _is_local(source):
-        if hub_kwargs:
-            raise TypeError(f"Hub options {sorted(hub_kwargs)} given for the local folder {source}")
-        return _load_local(source, splits, image_root, VQAV2_LAYOUT, on_mismatch)
-    return load_vqa_hub(source, splits=splits, **hub_kwargs)
+    return _load_folder_or_hub(source, splits, image_root, VQAV2_LAYOUT, on_mismatch, hub_kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
