@@ -31,6 +31,7 @@ __all__ = [
     "compute_group_advantages",
     "get_advantage_estimator",
     "group_count",
+    "group_has_contrast",
     "group_mean",
     "group_std",
     "register_advantage",
@@ -98,6 +99,16 @@ def _divide_by_floored_std(centred: torch.Tensor, std: torch.Tensor, min_std: fl
     divisor = std.clamp(min=min_std)
     usable = ~torch.isnan(divisor) & (divisor > 0)
     return torch.where(usable, centred / torch.where(usable, divisor, torch.ones_like(divisor)), 0.0)
+
+
+def group_has_contrast(rewards: torch.Tensor | Sequence[float], group_size: int) -> torch.Tensor:
+    """Per group of `group_size` consecutive rows: True when its scorable (non-NaN) rewards are not all equal. A group
+    without contrast (all equal, or fewer than two scorable rows) gets zero advantage in every built-in mode."""
+    grouped = _as_reward_vector(rewards, group_size).double().reshape(-1, group_size)
+    count = group_count(grouped).squeeze(1)
+    highest = grouped.nan_to_num(nan=-math.inf).amax(dim=1)
+    lowest = grouped.nan_to_num(nan=math.inf).amin(dim=1)
+    return (count >= 2) & (highest != lowest)
 
 
 # --- the built-in estimators ------------------------------------------------------------------------------------
@@ -280,10 +291,7 @@ def advantage_stats(
     if rewards.numel() == 0:
         return dict.fromkeys(_STAT_NAMES, float("nan"))
     grouped = rewards.double().reshape(-1, group_size)
-    count = group_count(grouped).squeeze(1)
-    highest = grouped.nan_to_num(nan=-math.inf).amax(dim=1)
-    lowest = grouped.nan_to_num(nan=math.inf).amin(dim=1)
-    no_contrast = (count < 2) | (highest == lowest)
+    no_contrast = ~group_has_contrast(rewards, group_size)
     within_std = group_std(grouped).squeeze(1)
     values = torch.stack(
         [

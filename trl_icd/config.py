@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 from .advantages import ADVANTAGE_MODES
+from .zero_contrast import ZERO_CONTRAST_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +78,66 @@ class ICDGRPOConfig(GRPOConfig):
         default=10.0, metadata={"help": "Largest value the adaptive KL coefficient may take."}
     )
 
+    zero_contrast_groups: str = field(
+        default="keep",
+        metadata={
+            "help": "What happens to a group whose completions all got the same reward (no contrast: zero advantage "
+            "in every mode). 'keep': stock GRPO (the group still feels the KL term and dilutes the loss "
+            "normalisation). 'drop': the group is taken out of the loss entirely. 'resample' (dynamic sampling, "
+            "DAPO): flat groups are replaced by contrasted groups from extra generation rounds over fresh training "
+            "prompts (at most `dynamic_sampling_max_rounds` per generation batch); groups still flat after that are "
+            "dropped."
+        },
+    )
+    dynamic_sampling_max_rounds: int = field(
+        default=2,
+        metadata={
+            "help": "zero_contrast_groups='resample': most extra generation rounds (each the size of a generation "
+            "batch) per generation batch. When the bound is hit with flat groups left, they are dropped and "
+            "`zero_contrast/refill_bound_hits` counts it."
+        },
+    )
+    selective_rollout: bool = field(
+        default=False,
+        metadata={
+            "help": "Skip, before any reward call, the groups of prompts predicted flat from their own history "
+            "(GRESO): a prompt whose last k scored groups were all flat is scored with probability "
+            "max(selective_rollout_keep_prob ** k, selective_rollout_min_keep_prob); a contrasted group resets k. "
+            "Skipped groups get no reward (advantage 0) and count in `zero_contrast/queries_skipped`."
+        },
+    )
+    selective_rollout_keep_prob: float = field(
+        default=0.5,
+        metadata={"help": "Selective rollout: each further flat outcome multiplies a prompt's scoring probability "
+                          "by this (in (0, 1])."},
+    )
+    selective_rollout_min_keep_prob: float = field(
+        default=0.05,
+        metadata={"help": "Selective rollout: floor of a prompt's scoring probability, so a skipped prompt is retried "
+                          "after about 1/this appearances (in (0, 1])."},
+    )
+
     def __post_init__(self):
         super().__post_init__()
+        _require(
+            self.zero_contrast_groups in ZERO_CONTRAST_MODES,
+            f"Unknown zero_contrast_groups {self.zero_contrast_groups!r}; valid: {', '.join(ZERO_CONTRAST_MODES)}.",
+        )
+        _require(
+            isinstance(self.dynamic_sampling_max_rounds, int) and self.dynamic_sampling_max_rounds >= 1,
+            f"dynamic_sampling_max_rounds must be an integer >= 1, got {self.dynamic_sampling_max_rounds!r}.",
+        )
+        if self.zero_contrast_groups == "resample":
+            local_rows = self.per_device_train_batch_size * self.steps_per_generation
+            _require(
+                local_rows % self.num_generations == 0,
+                "zero_contrast_groups='resample' replaces whole groups inside each process, so each process must hold "
+                f"whole groups: per_device_train_batch_size * steps_per_generation ({local_rows}) must be a multiple "
+                f"of num_generations ({self.num_generations}).",
+            )
+        for name in ("selective_rollout_keep_prob", "selective_rollout_min_keep_prob"):
+            value = getattr(self, name)
+            _require(_is_number(value) and 0 < value <= 1, f"{name} must lie in (0, 1], got {value!r}.")
         _require(
             self.advantage_mode in ADVANTAGE_MODES,
             f"Unknown advantage_mode {self.advantage_mode!r}. Valid modes: {', '.join(sorted(ADVANTAGE_MODES))} "

@@ -162,7 +162,8 @@ class InContextReward:
 
     After each call: `last_components` (per row: hard, soft, gt_prob, rel, answer, query_id, demo_ids; None for a
     row without components), `last_statuses` ("ok" or a reason), `last_metrics`; running totals `status_counts`,
-    `cache_hits`, `cache_misses` (distinct pairs found in / missing from the cache).
+    `cache_hits`, `cache_misses` (distinct pairs found in / missing from the cache), and `usage()` (what the rows
+    of the TRL calls cost; `ICDGRPOTrainer` logs it as `reward_calls/*`).
     """
 
     def __init__(
@@ -210,6 +211,7 @@ class InContextReward:
         self.cache_hits = 0
         self.cache_misses = 0
         self.status_counts: Counter = Counter()
+        self._usage: Counter = Counter()
         self.last_components: list[dict | None] = []
         self.last_statuses: list[str] = []
         self.last_metrics: dict[str, float] = {}
@@ -267,7 +269,19 @@ class InContextReward:
                 invalid = statuses[index] in INVALID_SELECTION_REASONS
                 rewards.append(self.invalid_reward if invalid else self.error_reward)
         self._finish_call(statuses, components, stats, log_metric, log_extra)
+        self._usage.update(
+            rows=num_rows,
+            backend_calls=stats["misses"],
+            cached=len(valid) - stats["misses"],
+            rejected=num_rows - len(valid),
+        )
         return rewards
+
+    def usage(self) -> dict[str, int]:
+        """Cumulative cost of the TRL calls: `rows` received = `backend_calls` (distinct (query, demonstrations)
+        pairs sent to the backend) + `cached` (rows answered from the reward cache, or by another row of the same
+        call with the same pair) + `rejected` (rows never scored: invalid selection or unusable input)."""
+        return {key: int(self._usage[key]) for key in ("rows", "backend_calls", "cached", "rejected")}
 
     def _prompt_of_row(self, index: int, completions, completion_ids, columns) -> InContextPrompt:
         query_ids = columns.get("query_id")
