@@ -565,7 +565,7 @@ def evaluate_methods(data: DataBundle, reward, query_ids, shots, pools: dict | N
 
     query_ids = list(query_ids)
     results = EvaluationResults(query_ids=query_ids, meta={"num_queries": len(query_ids),
-                                                           "vqa_protocol": reward.vqa_protocol})
+                                                           "vqa_protocol": getattr(reward, "vqa_protocol", None)})
     for s in sorted(set(shots)):
         if s == 0:
             results.add("zero_shot", 0, score_selections(reward, query_ids, {q: [] for q in query_ids}))
@@ -597,7 +597,6 @@ def run_demo_evaluation(model, tokenizer, data: DataBundle, data_args: DataArgum
     (a conservative bar for the selector); `oracle` = the best accuracy any selection of min_shots..max_shots items
     from the selector's pool reaches (demo world only: the simulated answerer knows it)."""
     import json
-
     from functools import partial
 
     import numpy as np
