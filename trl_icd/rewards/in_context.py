@@ -172,15 +172,15 @@ class InContextReward:
         prompt_format: checked against the backend's own format (backends render prompts themselves); for
             backends without one it is only part of the cache key.
         hard_threshold: `hard` = soft > this.
-        vqa_protocol: how `soft` (VQA accuracy) is scored: "vqa" (today's official script), "vqa2016" or
-            "lmms_eval" (`trl_icd.metrics.VQA_PROTOCOLS`); part of the scorer identity, so cached rows of different
-            protocols never mix.
         max_shots: reject selections with more demonstrations (None = no limit).
         batch_size: most pairs per backend call (None = all misses of a call in one); the cache is written after
             each.
         max_failed_calls: raise after this many consecutive calls in which every pair sent to the backend failed
             (a dead server must stop training, not feed it fallback rewards); None = never.
         name: `__name__` (TRL's metric prefix `rewards/<name>/...`) and the prefix of the metrics logged here.
+        vqa_protocol: how `soft` (VQA accuracy) is scored: "vqa" (today's official script), "vqa2016" or
+            "lmms_eval" (`trl_icd.metrics.VQA_PROTOCOLS`); part of the scorer identity, so cached rows of different
+            protocols never mix.
 
     After each call: `last_components` (per row: hard, soft, gt_prob, rel, answer, query_id, demo_ids; None for a
     row without components), `last_statuses` ("ok" or a reason), `last_metrics`; running totals `status_counts`,
@@ -201,11 +201,11 @@ class InContextReward:
         tokenizer=None,
         prompt_format: PromptFormat | None = None,
         hard_threshold: float = 0.0,
-        vqa_protocol: str = DEFAULT_VQA_PROTOCOL,
         max_shots: int | None = None,
         batch_size: int | None = None,
         max_failed_calls: int | None = 3,
         name: str = "in_context_reward",
+        vqa_protocol: str = DEFAULT_VQA_PROTOCOL,
     ):
         if mode not in REWARD_MODES:
             raise ValueError(f"unknown reward mode {mode!r}; known: {sorted(REWARD_MODES)}")
