@@ -1,7 +1,8 @@
 """Evaluate demonstration-selection methods on the validation split: zero-shot, random, RICES image similarity,
-text similarity and any number of trained selectors, at every shot count, on the same queries; official VQA accuracy
-through the reward backend (and its cache). Writes a Markdown table with 95% confidence intervals, a paired
-comparison of each selector against the best baseline at each shot count, the per-query results (JSON) and a plot.
+text similarity and any number of trained selectors, at every shot count, on the same queries; VQA accuracy
+(`--vqa_protocol`: `vqa` = today's official script, the default; `vqa2016`; `lmms_eval`) through the reward backend
+(and its cache). Writes a Markdown table with 95% confidence intervals, a paired comparison of each selector against
+the best baseline at each shot count, the per-query results (JSON, with the protocol in `meta`) and a plot.
 
     python examples/evaluate_okvqa.py --config recipes/okvqa/plan5.yaml \\
         --selectors outputs/okvqa/plan5 outputs/okvqa/plan7 --shots 0 1 2 3 4 --results_dir eval/okvqa
@@ -79,7 +80,8 @@ def main(argv=None) -> dict:
     }
     pools = build_pools(data, data_args, query_ids) if selectors else None
     reward = build_reward(data, reward_args)
-    logger.info("%d queries x shots %s x methods %s", len(query_ids), args.shots, ["zero_shot", *args.baselines, *names])
+    logger.info("%d queries x shots %s x methods %s, VQA protocol %r", len(query_ids), args.shots,
+                ["zero_shot", *args.baselines, *names], reward.vqa_protocol)
 
     results = evaluate_methods(data, reward, query_ids, args.shots, pools=pools, selectors=selectors,
                                baselines=args.baselines, seed=args.random_seed)

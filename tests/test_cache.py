@@ -132,6 +132,8 @@ def test_the_key_changes_with_every_scorer_setting():
         InContextReward(corpus, SettingsBackend(), prompt_format=PromptFormat(template="Q:{q} A:{a}")),
         InContextReward(corpus, SettingsBackend(), prompt_format=PromptFormat(system_prompt="Look at {n} example{s}.")),
         InContextReward(corpus, SettingsBackend(), hard_threshold=0.5),
+        InContextReward(corpus, SettingsBackend(), vqa_protocol="vqa2016"),
+        InContextReward(corpus, SettingsBackend(), vqa_protocol="lmms_eval"),
     ]
     hashes = [r.scorer_hash for r in changed]
     assert base not in hashes and len(set(hashes)) == len(hashes)
@@ -140,8 +142,10 @@ def test_the_key_changes_with_every_scorer_setting():
         InContextReward(corpus, SettingsBackend(), mode="soft_only"),
         InContextReward(corpus, SettingsBackend(), hard_weight=3.0, soft_weight=0.1, rel_weight=0.5),
         InContextReward(corpus, SettingsBackend(), invalid_reward=-1.0, batch_size=2),
+        InContextReward(corpus, SettingsBackend(), vqa_protocol="vqa"),  # the default, named
     ]
     assert {r.scorer_hash for r in same} == {base}
+    assert InContextReward(corpus, SettingsBackend()).scorer_identity["components"]["vqa_protocol"] == "vqa"
 
 
 def test_a_changed_setting_never_reads_the_old_rows(tmp_path):

@@ -141,3 +141,15 @@ def test_config_validation():
         build_demo_world(not_a_field=1)
     world = build_demo_world(DemoWorldConfig(num_train=10, num_eval=0, num_test=0), seed=5)
     assert world.config.seed == 5 and len(world.corpus) == 10
+
+
+def test_every_vqa_protocol_scores_the_demo_world_alike(world):
+    """Demo answers are already in normalised form, so the protocols' rule differences never apply: every answer the
+    simulated answerer can give (a normalised item or zero-shot answer) scores the same under each protocol."""
+    space = {normalize_answer(i.answer) for i in world.corpus}
+    space |= {normalize_answer(i.meta["zero_shot_answer"]) for i in world.corpus}
+    for query in world.corpus:
+        for answer in space:
+            today = vqa_accuracy(answer, query.answers, "vqa")
+            assert today == vqa_accuracy(answer, query.answers, "vqa2016") == vqa_accuracy(
+                answer, query.answers, "lmms_eval"), (answer, query.answers)

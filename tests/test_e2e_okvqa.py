@@ -105,7 +105,7 @@ def test_train_rce_grpo_checkpoint_and_resume(okvqa):
     # The evaluation script on the fixture's val split: table, JSON, plot; the selector next to every baseline.
     evaluated = load_script("evaluate_okvqa").main(
         ["--config", str(recipe), "--selectors", str(out), "--selector_names", "grpo", "--shots", "0", "1", "2",
-         "--results_dir", str(root / "eval")]
+         "--results_dir", str(root / "eval"), "--vqa_protocol", "vqa2016"]
     )
     table = (root / "eval" / "results.md").read_text()
     for method in ("zero_shot", "random", "image_sim", "text_sim", "grpo"):
@@ -114,6 +114,7 @@ def test_train_rce_grpo_checkpoint_and_resume(okvqa):
     assert (root / "eval" / "accuracy_vs_shots.png").stat().st_size > 0
     saved = json.loads((root / "eval" / "results.json").read_text())
     assert len(saved["query_ids"]) == 6  # all val questions of the fixture
+    assert saved["meta"]["vqa_protocol"] == "vqa2016" and "protocol `vqa2016`" in table  # how accuracy was scored
     cell = saved["summary"]["grpo"]["2"]
     values = saved["per_query"]["grpo"]["2"]
     assert cell["n"] == 6 and cell["mean"] == pytest.approx(sum(values) / len(values))

@@ -32,6 +32,9 @@ def test_argument_checks():
         DataArguments(dataset="coco")
     with pytest.raises(ValueError, match="vllm_server_url"):
         RewardArguments(reward_backend="vllm")
+    assert RewardArguments().vqa_protocol == "vqa"
+    with pytest.raises(ValueError, match="Unknown VQA protocol"):
+        RewardArguments(vqa_protocol="vqa2021")
 
 
 def test_similarity_sequences_are_ranked_windows_most_similar_last():

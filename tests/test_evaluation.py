@@ -154,6 +154,9 @@ def test_markdown_tables(results):
     assert lines[2] == f"| random | 50.0 ± {half1:.1f} | 25.0 ± {half2:.1f} |"
     assert lines[4] == "| selector | 100.0 ± 0.0 | – |"
     assert "95% t confidence interval over 4 queries" in table
+    assert "protocol" not in table
+    results.meta["vqa_protocol"] = "lmms_eval"
+    assert "Accuracy (%) (VQA accuracy, protocol `lmms_eval`) ± half-width" in markdown_table(results)
     comparison = markdown_comparison_table(results, ["selector"], ["random", "image_sim"])
     assert "| selector | 1 | image_sim | +25.0 [" in comparison and "| 1/0/3 |" in comparison
 

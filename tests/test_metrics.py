@@ -1,10 +1,27 @@
-"""The official VQA accuracy: each normalisation rule, the 10-choose-9 averaging, fewer answers, the evaluate module."""
+"""VQA accuracy under its three protocols: each normalisation step, each rule difference between the protocols
+(hand-computed), the 10-choose-9 averaging, other answer counts, the registry, the evaluate module, and a seeded
+differential test against independent re-statements of the three reference scorers."""
 
-import re
+import random
 
 import pytest
 
-from trl_icd.metrics import normalize_answer, process_punctuation, vqa_accuracy, vqa_accuracy_batch
+from trl_icd.metrics import (
+    CONTRACTIONS,
+    VQA_PROTOCOLS,
+    evalai_normalize,
+    get_vqa_protocol,
+    normalize_answer,
+    process_punctuation,
+    register_vqa_protocol,
+    vqa_accuracy,
+    vqa_accuracy_batch,
+)
+
+PROTOCOLS = ("vqa", "vqa2016", "lmms_eval")
+
+
+# --- normalisation steps -------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -25,6 +42,7 @@ from trl_icd.metrics import normalize_answer, process_punctuation, vqa_accuracy,
         ("t-shirt", "t shirt"),
         ("red, white", "red white"),  # a mark next to a space is deleted
         ("1,000", "1000"),  # digit-comma-digit: every mark is deleted
+        ("1,000 (approx)", "1000 approx"),
         ("3.5", "3.5"),  # a period followed by a digit stays
         ("5.", "5"),  # other periods go
         ("e.g", "eg"),
@@ -32,47 +50,115 @@ from trl_icd.metrics import normalize_answer, process_punctuation, vqa_accuracy,
         ("\tNew\nYork  ", "new york"),  # tabs/newlines to spaces, strip, collapse
         ("(left)", "left"),
         ("50/50", "50 50"),
+        ("what?", "what"),
+        ("a:b", "a:b"),  # colons are not punctuation either
     ],
 )
-def test_normalize_answer_rules(raw, normalized):
+def test_official_normalisation_steps(raw, normalized):
     assert normalize_answer(raw) == normalized
+    assert normalize_answer(raw, "vqa2016") == normalized  # both official versions normalise alike
 
 
+def test_period_strip_removes_at_most_32_periods():
+    # The official call passes re.UNICODE (= 32) where `count` goes.
+    assert process_punctuation("." * 40) == "." * 8
+
+
+@pytest.mark.parametrize(
+    ("raw", "normalized"),
+    [
+        ("Two", "2"),
+        ("1,000", "1000"),  # commas deleted before the punctuation step...
+        ("red,white", "redwhite"),  # ...so a comma never becomes a space (official: "red white")
+        ("red, white", "red white"),
+        ("what?", "what"),
+        ("why?not", "whynot"),  # official: "why not"
+        ("dog's", "dog 's"),  # 's split off its word (official: "dog's")
+        ("The Dog'S bone", "dog 's bone"),  # after lower-casing
+        ("t-shirt", "t shirt"),  # other marks as in the official rules
+        ("1,000 (approx)", "1000 approx"),
+        ("YES!", "yes"),
+        ("5.", "5"),
+    ],
+)
+def test_evalai_normalisation_steps(raw, normalized):
+    assert evalai_normalize(raw) == normalized
+    assert normalize_answer(raw, "lmms_eval") == normalized
+
+
+# --- the rule differences between protocols, hand-computed -----------------------------------------------------------
+
+# (prediction, gold answers, {protocol: accuracy}); each line says why.
+RULE_CASES = [
+    # differing gold answers: official normalises them ("Two" -> "2"), 2016 only strips their punctuation, so the
+    # normalised prediction "2" matches 2 of 10 today (0.6) but only the one "2" in 2016 (0.3).
+    ("two", ["Two", "2", "x", "y", "z", "w", "v", "u", "t", "s"], {"vqa": 0.6, "vqa2016": 0.3, "lmms_eval": 0.6}),
+    # "no!" -> "no" on the gold side today; 2016 turns "no!" into "no " (mark not next to a space -> a space).
+    ("no", ["no!"] * 2 + ["yes"] * 8, {"vqa": 0.6, "vqa2016": 0.0, "lmms_eval": 0.6}),
+    ("no", ["no!"] * 4 + ["yes"] * 6, {"vqa": 1.0, "vqa2016": 0.0, "lmms_eval": 1.0}),
+    # all gold answers identical: today neither side is normalised ("Yes" != "yes"); 2016 normalises the prediction.
+    ("Yes", ["yes"] * 10, {"vqa": 0.0, "vqa2016": 1.0, "lmms_eval": 1.0}),
+    ("yes.", ["yes"] * 10, {"vqa": 0.0, "vqa2016": 1.0, "lmms_eval": 1.0}),
+    ("two", ["2"] * 10, {"vqa": 0.0, "vqa2016": 1.0, "lmms_eval": 1.0}),
+    ("yes", ["yes"] * 10, {"vqa": 1.0, "vqa2016": 1.0, "lmms_eval": 1.0}),
+    # identical gold answers with a mark: nobody normalises them except lmms-eval.
+    ("t-shirt", ["t-shirt"] * 10, {"vqa": 1.0, "vqa2016": 0.0, "lmms_eval": 1.0}),
+    ("T-shirt", ["t-shirt"] * 10, {"vqa": 0.0, "vqa2016": 0.0, "lmms_eval": 1.0}),
+    # today the gold answers are stripped before the identity check: " yes" and "yes" are identical.
+    ("Yes", ["yes "] * 5 + ["yes"] * 5, {"vqa": 0.0, "vqa2016": 1.0, "lmms_eval": 1.0}),
+    # capitals on the gold side: only the official-today and lmms-eval lower-case gold answers.
+    ("two dogs", ["Two Dogs"] * 3 + ["cats"] * 7, {"vqa": 0.9, "vqa2016": 0.0, "lmms_eval": 0.9}),
+    # lmms-eval deletes commas (and ?) outright; the official rules turn an inner comma into a space.
+    ("red,white", ["red white"] * 3 + ["blue"] * 7, {"vqa": 0.9, "vqa2016": 0.9, "lmms_eval": 0.0}),
+    ("red,white", ["redwhite"] * 3 + ["blue"] * 7, {"vqa": 0.0, "vqa2016": 0.0, "lmms_eval": 0.9}),
+    # lmms-eval splits 's off its word on both sides, so possessives still match each other...
+    ("man's hat", ["man's hat"] * 3 + ["cap"] * 7, {"vqa": 0.9, "vqa2016": 0.9, "lmms_eval": 0.9}),
+    # ...but no longer match the same words written without the apostrophe split.
+    ("man 's hat", ["man's hat"] * 3 + ["cap"] * 7, {"vqa": 0.0, "vqa2016": 0.0, "lmms_eval": 0.9}),
+    # newlines/tabs are spaces everywhere; a digit-comma-digit deletes every mark (official), a comma (lmms-eval).
+    ("1,000\n", ["1000"] * 4 + ["many"] * 6, {"vqa": 1.0, "vqa2016": 1.0, "lmms_eval": 1.0}),
+]
+
+
+@pytest.mark.parametrize(("prediction", "answers", "expected"), RULE_CASES)
+def test_rule_differences_hand_computed(prediction, answers, expected):
+    assert set(expected) == set(PROTOCOLS)
+    for protocol, value in expected.items():
+        assert vqa_accuracy(prediction, answers, protocol) == pytest.approx(value), protocol
+
+
+def test_default_protocol_is_todays_official_script():
+    assert vqa_accuracy("Yes", ["yes"] * 10) == vqa_accuracy("Yes", ["yes"] * 10, "vqa") == 0.0
+
+
+# --- scoring -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 @pytest.mark.parametrize(("matching", "expected"), [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
-def test_ten_choose_nine_averaging(matching, expected):
+def test_ten_choose_nine_averaging(protocol, matching, expected):
     answers = ["dog"] * matching + ["cat", "horse", "cow", "sheep", "goat", "pig", "hen", "fox", "owl", "bee"][
         : 10 - matching
     ]
-    assert vqa_accuracy("dog", answers) == pytest.approx(expected)
+    assert vqa_accuracy("dog", answers, protocol) == pytest.approx(expected)
 
 
-def test_prediction_is_normalised_before_matching():
-    assert vqa_accuracy("Two.", ["2"] * 10) == 1.0
-    assert vqa_accuracy("The Dog!", ["dog"] * 3 + ["cat"] * 7) == pytest.approx(0.9)
-
-
-def test_references_get_punctuation_processing_only_when_they_differ():
-    # differing answers: "t-shirt" -> "t shirt", which the normalised prediction matches (3 annotators)
-    assert vqa_accuracy("T-shirt", ["t-shirt"] * 3 + ["shirt"] * 7) == pytest.approx(0.9)
-    # identical answers are left untouched (official behaviour): "t-shirt" never equals "t shirt"
-    assert vqa_accuracy("T-shirt", ["t-shirt"] * 10) == 0.0
-    # references are not lower-cased or digit-mapped (annotation files are pre-normalised)
-    assert vqa_accuracy("two dogs", ["Two Dogs"] * 10) == 0.0
-
-
-def test_normalize_references_option():
-    assert vqa_accuracy("two dogs", ["Two Dogs"] * 10, normalize_references=True) == 1.0
-    assert vqa_accuracy("T-shirt", ["t-shirt"] * 10, normalize_references=True) == 1.0
-
-
-def test_fewer_than_ten_answers():
-    assert vqa_accuracy("dog", ["Dog"]) == 0.0 and vqa_accuracy("dog", ["dog"]) == 1.0  # one answer: exact match
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_fewer_than_ten_answers(protocol):
+    assert vqa_accuracy("dog", ["dog"], protocol) == 1.0  # one answer: exact match
+    assert vqa_accuracy("cat", ["dog"], protocol) == 0.0
     # n answers: min(1, matches / ((n - 1) / 3)) averaged over the n leave-one-out subsets
-    assert vqa_accuracy("dog", ["dog", "cat"]) == pytest.approx(0.5)  # (0 + 1) / 2
-    assert vqa_accuracy("dog", ["dog", "cat", "cow", "pig", "hen"]) == pytest.approx(0.6)  # (0 + 4 * 0.75) / 5
-    assert vqa_accuracy("dog", ["dog", "dog", "cow", "pig", "hen"]) == pytest.approx(0.9)  # (2 * 0.75 + 3) / 5
-    # OK-VQA's 5 answers each given twice -> the official 10-answer score for one matching answer
-    assert vqa_accuracy("dog", ["dog", "cat", "cow", "pig", "hen"] * 2) == pytest.approx(0.6)
+    assert vqa_accuracy("dog", ["dog", "cat"], protocol) == pytest.approx(0.5)  # (0 + 1) / 2
+    assert vqa_accuracy("dog", ["dog", "cat", "cow", "pig", "hen"], protocol) == pytest.approx(0.6)  # (0 + 4 * .75) / 5
+    assert vqa_accuracy("dog", ["dog", "dog", "cow", "pig", "hen"], protocol) == pytest.approx(0.9)  # (2 * .75 + 3) / 5
+    # OK-VQA's 5 answers each given twice -> the 10-answer score of one matching answer given twice
+    assert vqa_accuracy("dog", ["dog", "cat", "cow", "pig", "hen"] * 2, protocol) == pytest.approx(0.6)
+
+
+def test_one_answer_follows_each_protocols_normalisation():
+    assert vqa_accuracy("Dog", ["dog"], "vqa") == 0.0  # a single answer is "all identical": no normalisation
+    assert vqa_accuracy("Dog", ["dog"], "vqa2016") == 1.0
+    assert vqa_accuracy("Dog", ["DOG"], "lmms_eval") == 1.0
 
 
 def test_more_than_ten_answers_keep_the_one_third_threshold():
@@ -90,81 +176,224 @@ def test_bad_input():
         vqa_accuracy(None, ["dog"])
     with pytest.raises(ValueError, match="predictions"):
         vqa_accuracy_batch(["a", "b"], [["a"]])
+    with pytest.raises(ValueError, match="vqa2016"):  # the message lists the valid protocols
+        vqa_accuracy("dog", ["dog"], protocol="vqa2017")
+    with pytest.raises(ValueError, match="Unknown VQA protocol"):
+        normalize_answer("dog", protocol="nope")
 
 
-# --- the official evaluation loop, transcribed from GT-Vision-Lab/VQA vqaEval.py as an independent reference -------
+def test_registry_accepts_new_protocols():
+    @register_vqa_protocol("_test_casefold", normalize=str.casefold)
+    def casefold(prediction, answers):
+        return prediction.casefold(), [a.casefold() for a in answers]
 
-_OFFICIAL_PUNCT = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
-_OFFICIAL_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
-_OFFICIAL_COMMA = re.compile(r"(\d)(\,)(\d)")
+    try:
+        assert get_vqa_protocol("_test_casefold").compared is casefold
+        assert vqa_accuracy("DOG", ["dog"] * 3 + ["Dog."] * 7, "_test_casefold") == pytest.approx(0.9)
+        assert normalize_answer("DOG", "_test_casefold") == "dog"
+    finally:
+        del VQA_PROTOCOLS["_test_casefold"]
+    with pytest.raises(ValueError):
+        register_vqa_protocol("", normalize=str)
 
 
-def _official_process_punctuation(in_text):
-    out_text = in_text
-    for p in _OFFICIAL_PUNCT:
-        if (p + " " in in_text or " " + p in in_text) or (re.search(_OFFICIAL_COMMA, in_text) is not None):
-            out_text = out_text.replace(p, "")
+# --- differential test against independent re-statements of the three reference scorers ---------------------------
+# Written from the published behaviour of GT-Vision-Lab/VQA vqaEval.py (2016 version and after the 2021 fix) and of
+# lmms-eval's OK-VQA task (EvalAIAnswerProcessor), char by char, sharing nothing with trl_icd.metrics but the
+# 120-entry contraction table (data; its entries are the official script's).
+
+_MARKS = set(';/[]"{}()=+\\_-><@`,?!')
+_NUMBERS = dict(zip("none zero one two three four five six seven eight nine ten".split(),
+                    ["0", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10"]))
+
+
+def _digit_comma_digit(text, commas="one"):
+    """A digit, then one comma (or a run of commas), then a digit, anywhere in `text`."""
+    for i, char in enumerate(text):
+        if char != "," or i == 0 or not text[i - 1].isdecimal():
+            continue
+        j = i + 1
+        if commas == "run":
+            while j < len(text) and text[j] == ",":
+                j += 1
+        if j < len(text) and text[j].isdecimal():
+            return True
+    return False
+
+
+def _ref_punctuation(text, commas="one"):
+    wipe = _digit_comma_digit(text, commas)
+    kept = []
+    for char in text:
+        if char in _MARKS:
+            if wipe or char + " " in text or " " + char in text:
+                continue
+            kept.append(" ")
         else:
-            out_text = out_text.replace(p, " ")
-    return _OFFICIAL_PERIOD.sub("", out_text, re.UNICODE)
+            kept.append(char)
+    marked = "".join(kept)
+    out, removed = [], 0
+    for i, char in enumerate(marked):  # a period goes unless the next character is a digit (first 32 only)
+        next_is_digit = i + 1 < len(marked) and marked[i + 1].isdecimal()
+        if char == "." and not next_is_digit and removed < 32:
+            removed += 1
+            continue
+        out.append(char)
+    return "".join(out)
 
 
-def _official_accuracy(res_ans, gt_answers):
-    """The per-question body of VQAEval.evaluate (answers as dicts with answer_id, as in the annotation files)."""
-    from trl_icd.metrics import process_digit_article  # contraction/number tables are data, checked above
-
-    answers = [{"answer": a, "answer_id": i + 1} for i, a in enumerate(gt_answers)]
-    res_ans = res_ans.replace("\n", " ").replace("\t", " ").strip()
-    res_ans = process_digit_article(_official_process_punctuation(res_ans))
-    if len({ans["answer"] for ans in answers}) > 1:
-        for ans in answers:
-            ans["answer"] = _official_process_punctuation(ans["answer"])
-    gt_acc = []
-    for gt_datum in answers:
-        other = [item for item in answers if item != gt_datum]
-        matching = [item for item in other if item["answer"] == res_ans]
-        gt_acc.append(min(1, float(len(matching)) / 3))
-    return float(sum(gt_acc)) / len(gt_acc)
+def _ref_digits_articles(text):
+    words = []
+    for word in text.lower().split():
+        word = _NUMBERS.get(word, word)
+        if word in ("a", "an", "the"):
+            continue
+        words.append(word)
+    return " ".join(CONTRACTIONS.get(w, w) for w in words)
 
 
-CASES = [
-    ("two", ["2"] * 6 + ["two"] * 4),
-    ("Yes.", ["yes"] * 9 + ["no"]),
-    ("t-shirt", ["t-shirt", "t shirt", "tshirt", "shirt"] * 2 + ["top", "t-shirt!"]),
-    ("1,000 people", ["1000 people"] * 2 + ["1,000 people"] * 3 + ["many"] * 5),
-    ("red, white and blue", ["red white and blue"] * 4 + ["red, white, blue"] * 6),
-    ("an orange", ["orange"] * 2 + ["oranges"] * 8),
-    ("3.5", ["3.5"] * 3 + ["3"] * 7),
-    ("dont know", ["don't know"] * 5 + ["dont know"] * 5),
-    ("umbrella", ["umbrella"] * 10),
-    ("left ", ["(left)", "left", "left side", "left.", "right"] * 2),
-]
+def _ref_whitespace(text):
+    return text.replace("\n", " ").replace("\t", " ").strip()
 
 
-@pytest.mark.parametrize(("prediction", "answers"), CASES)
-def test_matches_the_official_evaluation_loop(prediction, answers):
-    assert vqa_accuracy(prediction, answers) == pytest.approx(_official_accuracy(prediction, answers), abs=1e-12)
+def _ref_leave_one_out(entries, prediction, key):
+    """Mean over entries of min(1, matches among the *other* entries / 3); entries are told apart by identity."""
+    scores = []
+    for left_out in entries:
+        others = [e for e in entries if e is not left_out]
+        scores.append(min(1.0, sum(key(e) == prediction for e in others) / 3))
+    return sum(scores) / len(scores)
 
 
-def test_process_punctuation_matches_official():
-    for text in ["a-b c", "x,y", "1,2 a-b", "what?", "hi !", "a.b.c", "(x) [y] {z}", "a_b\\c", "@home `x`"]:
-        assert process_punctuation(text) == _official_process_punctuation(text)
+def reference_official(prediction, gold, fixed):
+    """vqaEval.py's per-question body: `fixed` = after the 2021 fix, else the 2016 version."""
+    entries = [{"answer": a, "answer_id": k + 1} for k, a in enumerate(gold)]
+    if fixed:
+        for e in entries:
+            e["answer"] = _ref_whitespace(e["answer"])
+    res = _ref_whitespace(prediction)
+    if not fixed:
+        res = _ref_digits_articles(_ref_punctuation(res))
+    if len({e["answer"] for e in entries}) > 1:
+        for e in entries:
+            e["answer"] = _ref_punctuation(e["answer"])
+            if fixed:
+                e["answer"] = _ref_digits_articles(e["answer"])
+        if fixed:
+            res = _ref_digits_articles(_ref_punctuation(res))
+    return _ref_leave_one_out(entries, res, key=lambda e: e["answer"])
+
+
+def _ref_evalai(text):
+    text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    text = _ref_whitespace(text)
+    return _ref_digits_articles(_ref_punctuation(text, commas="run"))
+
+
+def reference_lmms_eval(prediction, gold):
+    processed = [[_ref_evalai(a)] for a in gold]  # boxed: told apart by identity, like positions
+    return _ref_leave_one_out(processed, _ref_evalai(prediction), key=lambda box: box[0])
+
+
+REFERENCES = {
+    "vqa": lambda p, g: reference_official(p, g, fixed=True),
+    "vqa2016": lambda p, g: reference_official(p, g, fixed=False),
+    "lmms_eval": reference_lmms_eval,
+}
+
+_BASES = ["yes", "no", "two", "2", "10", "ten", "none", "0", "red", "t-shirt", "dog's bed", "dont know", "3.5",
+          "1,000", "left side", "the beach", "a cat", "an orange", "new york", "what's that", "isnt", "e.g. tea",
+          "red, white", "why?", "no!", "Yes", "Two Dogs", "umbrella", "50/50", "ice cream", "o'clock", "oclock"]
+
+
+def _variant(rng, text):
+    """One surface form of `text`: case, articles, number words/digits, punctuation, contractions, whitespace."""
+    edits = rng.sample(range(9), rng.randint(0, 3))
+    for edit in edits:
+        if edit == 0:
+            text = rng.choice([text.upper(), text.capitalize(), text.lower(), text.title()])
+        elif edit == 1:
+            text = rng.choice(["the ", "a ", "an ", "The "]) + text
+        elif edit == 2:
+            text = text + rng.choice([".", "!", "?", ",", " .", "..", "...", ". "])
+        elif edit == 3:
+            text = rng.choice(["(", '"', "[", "-"]) + text + rng.choice([")", '"', "]", "-"])
+        elif edit == 4:
+            text = text.replace(" ", rng.choice(["-", "/", "_", ", ", ",", "  ", "\t"]), 1)
+        elif edit == 5:
+            swaps = {"2": "two", "two": "2", "ten": "10", "10": "ten", "0": "none", "dont": "don't", "isnt": "isn't",
+                     "'s": "s", "1,000": "1000", "3.5": "3,5", "oclock": "o'clock"}
+            for old, new in swaps.items():
+                if old in text.lower():
+                    text = text.lower().replace(old, new, 1)
+                    break
+        elif edit == 6:
+            text = rng.choice([" ", "\n", "\t", "  "]) + text + rng.choice(["", " ", "\n"])
+        elif edit == 7:
+            text = text + rng.choice(["'s", "s", ",5", "5", ".5"])
+        else:
+            text = rng.choice(["?", "!", "@", "`", "=", "+", "<", ">", ";", "{", "}", "\\"]).join(text.split(" ", 1))
+    return text
+
+
+def generated_cases(n, seed=0):
+    rng = random.Random(seed)
+    cases = []
+    for _ in range(n):
+        base = rng.choice(_BASES)
+        if rng.random() < 0.3:  # all gold answers identical (raw or a variant)
+            gold = [rng.choice([base, _variant(rng, base)])] * 10
+        else:
+            pool = [base] + [_variant(rng, base) for _ in range(rng.randint(1, 4))] + [rng.choice(_BASES)]
+            gold = [rng.choice(pool) for _ in range(10)]
+        prediction = rng.choice([base, _variant(rng, base), rng.choice(gold), _variant(rng, rng.choice(gold)),
+                                 rng.choice(_BASES)])
+        cases.append((prediction, gold))
+    return cases
+
+
+CASES = generated_cases(3000)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_matches_an_independent_restatement_of_its_reference(protocol):
+    reference = REFERENCES[protocol]
+    mismatches = [(p, g) for p, g in CASES if vqa_accuracy(p, g, protocol) != pytest.approx(reference(p, g), abs=1e-12)]
+    assert not mismatches, mismatches[:5]
+
+
+def test_generated_cases_exercise_the_rule_differences():
+    # Without enough disagreement between the references, the differential test above would prove little.
+    scores = {name: [REFERENCES[name](p, g) for p, g in CASES] for name in PROTOCOLS}
+    differ = {(a, b): sum(x != y for x, y in zip(scores[a], scores[b])) for a, b in
+              [("vqa", "vqa2016"), ("vqa", "lmms_eval"), ("vqa2016", "lmms_eval")]}
+    assert all(count > 150 for count in differ.values()), differ
+    assert {round(s, 6) for s in scores["vqa"]} == {0.0, 0.3, 0.6, 0.9, 1.0}  # every accuracy level occurs
+
+
+def test_reference_restatements_agree_with_hand_computed_cases():
+    for prediction, answers, expected in RULE_CASES:
+        for protocol, value in expected.items():
+            assert REFERENCES[protocol](prediction, answers) == pytest.approx(value), (protocol, prediction)
 
 
 # --- the evaluate module -------------------------------------------------------------------------------------------
 
 
-def test_evaluate_module_loads_offline_from_its_path(tmp_path, monkeypatch):
+def test_evaluate_module_loads_offline_from_its_path(tmp_path):
     import evaluate
 
     from trl_icd.metrics_module import VQA_ACCURACY_PATH
 
     metric = evaluate.load(VQA_ACCURACY_PATH, cache_dir=str(tmp_path))
-    predictions = [case[0] for case in CASES]
-    references = [case[1] for case in CASES]
-    result = metric.compute(predictions=predictions, references=references, return_per_question=True)
-    expected = vqa_accuracy_batch(predictions, references)
-    assert result["per_question"] == pytest.approx(expected)
-    assert result["vqa_accuracy"] == pytest.approx(sum(expected) / len(expected))
-    assert metric.compute(predictions=["Two Dogs"], references=[["two dogs"] * 10])["vqa_accuracy"] == 0.0
-    assert metric.compute(predictions=["x"], references=[["X"] * 10], normalize_references=True)["vqa_accuracy"] == 1.0
+    predictions = [case[0] for case in RULE_CASES]
+    references = [case[1] for case in RULE_CASES]
+    for protocol in PROTOCOLS:
+        result = metric.compute(predictions=predictions, references=references, return_per_question=True,
+                                protocol=protocol)
+        expected = [case[2][protocol] for case in RULE_CASES]
+        assert result["per_question"] == pytest.approx(expected)
+        assert result["vqa_accuracy"] == pytest.approx(sum(expected) / len(expected))
+    assert metric.compute(predictions=["Yes"], references=[["yes"] * 10])["vqa_accuracy"] == 0.0  # default: "vqa"
+    with pytest.raises(ValueError, match="Unknown VQA protocol"):
+        metric.compute(predictions=["x"], references=[["x"]], protocol="nope")

@@ -1,11 +1,14 @@
 """The silent pitfalls of batching Qwen2.5-VL prompts are guarded (each guard is shown to fire, and the failure it
 prevents is shown to be real on an input-sensitive model), plus identity, loading and post-processing."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 from transformers import GenerationConfig
 
+from trl_icd.rewards.in_context import InContextReward
 from trl_icd.rewards.prompt import InContextPrompt, PromptFormat
 from trl_icd.rewards.qwen_vl import (
     AnswerTokenizationError,
@@ -158,6 +161,20 @@ def test_checkpoint_generation_config_does_not_leak(tiny, prompts):
         model.generation_config = saved
 
 
+def _with_image_processor(processor, backend=None, **settings):
+    """A copy of `processor` whose image processor reports another backend (as a torchvision-backed one does, which
+    cannot be built here) or carries other settings."""
+    image_processor = copy.deepcopy(processor.image_processor)
+    for name, value in settings.items():
+        setattr(image_processor, name, value)
+    if backend is not None:
+        other = type("OtherBackend", (type(image_processor),), {"backend": property(lambda self: backend)})
+        image_processor.__class__ = other
+    changed = copy.copy(processor)
+    changed.image_processor = image_processor
+    return changed
+
+
 def test_identity_names_every_setting(tiny):
     model, processor = tiny
     base = QwenVLBackend(model, processor).identity
@@ -171,6 +188,17 @@ def test_identity_names_every_setting(tiny):
     assert all(i != base for i in identities)
     other_weights, _ = tiny_qwen2_5_vl(seed=1)
     assert QwenVLBackend(other_weights, processor).identity["weights"] != base["weights"]
+    # The image-processing path: the PIL processor and a torchvision-backed one give different pixels.
+    assert base["image_processor"]["backend"] == "pil"
+    for changed in (_with_image_processor(processor, backend="torchvision"),
+                    _with_image_processor(processor, image_mean=[0.5, 0.5, 0.5])):
+        identity = QwenVLBackend(model, changed).identity
+        assert identity["image_processor"] != base["image_processor"]
+        assert {k: v for k, v in identity.items() if k != "image_processor"} == {
+            k: v for k, v in base.items() if k != "image_processor"}
+        corpus = synthetic_vqa_corpus(2, image_sizes=((56, 56),), seed=0)
+        assert (InContextReward(corpus, QwenVLBackend(model, changed)).scorer_hash
+                != InContextReward(corpus, QwenVLBackend(model, processor)).scorer_hash)
     # Pure speed settings do not change scores, so they are not part of the identity.
     speed_only = dict(batch_size=3, vision_cache_size=0, shared_prefill=False, bucketing=False, candidate_batch_size=2)
     assert QwenVLBackend(model, processor, **speed_only).identity == base

@@ -91,6 +91,98 @@ def test_grouping_dedups_and_drops_flat_groups(tmp_path):
         read_scored_jsonl(str(bad))
 
 
+def _record(query_id, demo_ids, soft, scorer="s1"):
+    return {"query_id": query_id, "demo_ids": list(demo_ids), "source": "beam", "scorer": scorer,
+            "components": {"hard": float(soft > 0), "soft": soft}}
+
+
+def _reward(components):
+    return components["hard"] + components["soft"]
+
+
+def test_grouping_drops_sequences_outside_the_shot_range(caplog):
+    records = [
+        _record(1, [5], 1.0),  # 1 shot: below min_shots = 2
+        _record(1, [5, 6], 0.6),
+        _record(1, [6, 5], 0.0),
+        _record(1, [5, 6, 7], 1.0),  # 3 shots: above max_shots = 2
+        _record(2, [8], 0.3),
+        _record(2, [8, 9, 10], 0.9),
+    ]
+    with caplog.at_level("WARNING", logger="trl_icd.rce"):
+        groups, counts = group_scored_records(records, _reward, min_shots=2, max_shots=2)
+    assert groups == {1: [((5, 6), 1.6), ((6, 5), 0.0)]}  # query 2 has nothing left
+    assert counts["outside_shot_range"] == 4 and counts["sequences"] == 2 and counts["queries"] == 1
+    assert "4 of 6 scored sequences have a number of demonstrations outside [2, 2]" in caplog.text
+    # Without bounds (the old behaviour) every sequence is kept.
+    assert group_scored_records(records, _reward)[1]["sequences"] == 6
+    with pytest.raises(ValueError, match=r"none of the 2 scored sequences is usable \(2 with a number of demo"):
+        group_scored_records([_record(1, [5], 1.0), _record(1, [5, 6, 7], 0.0)], _reward, min_shots=2, max_shots=2)
+
+
+def test_grouping_never_compares_rewards_of_different_scorers(caplog):
+    records = [
+        _record(1, [5, 6], 1.0, "a"),
+        _record(1, [6, 5], 0.0, "a"),
+        _record(1, [5, 7], 0.3, "b"),  # the same query scored by another scorer: not comparable
+        _record(1, [7, 8], 0.0, "a"),
+        _record(2, [9, 10], 0.9, "b"),
+        _record(2, [10, 9], 0.0, "b"),
+        _record(2, [9, 11], 0.6, "a"),
+    ]
+    with caplog.at_level("WARNING", logger="trl_icd.rce"):
+        groups, counts = group_scored_records(records, _reward)
+    # each query keeps the scorer with the most sequences: "a" for query 1, "b" for query 2
+    assert groups == {1: [((5, 6), 2.0), ((6, 5), 0.0), ((7, 8), 0.0)], 2: [((9, 10), 1.9), ((10, 9), 0.0)]}
+    assert counts["mixed_scorer_queries"] == 2 and counts["mixed_scorer_sequences"] == 2
+    assert "2 queries hold sequences of several scorers" in caplog.text
+    # the same selection scored by two scorers is not a duplicate of itself
+    same = [_record(1, [5, 6], 1.0, "a"), _record(1, [5, 6], 0.0, "b"), _record(1, [6, 5], 0.0, "b")]
+    assert group_scored_records(same, _reward)[0] == {}  # "b" keeps the query, and its group is flat
+    kept, counts = group_scored_records(same, _reward, drop_flat_groups=False)
+    assert kept == {1: [((5, 6), 0.0), ((6, 5), 0.0)]} and counts.get("duplicates", 0) == 0
+    # an explicit scorer keeps only its records
+    only_a, counts = group_scored_records(records, _reward, scorer="a")
+    assert set(only_a) == {1} and counts["other_scorer"] == 3  # query 2's lone "a" sequence is a flat group
+    with pytest.raises(ValueError, match="from other scorers than c"):
+        group_scored_records(records, _reward, scorer="c")
+
+
+def test_rce_loss_stays_in_nll_scale_once_unreachable_shot_counts_are_dropped():
+    """A selector built for exactly 2 shots gives 1- and 3-shot sequences an NLL of ~1e4 (masked actions); with the
+    shot-range rule the RCE loss is back to the scale of log-probabilities over 6 slots."""
+    from trl_icd.selector.vocabulary import SelectorVocabulary
+    from trl_icd.testing.selector import random_pools, selector_prompts, tiny_selector
+
+    model, tokenizer = tiny_selector(num_items=40, num_slots=6, min_shots=2, max_shots=2)
+    pools = random_pools(3, 40, 6, seed=0, sizes=[6])
+    prompts = dict(zip(range(3), selector_prompts(pools, tokenizer)))
+    records = []
+    for q, (_, candidates) in enumerate(pools):
+        for positions, soft in [((0,), 1.0), ((0, 1), 0.6), ((2, 3), 0.0), ((1, 4), 0.3), ((0, 1, 2), 1.0)]:
+            records.append(_record(q, [candidates[k] for k in positions], soft))
+
+    def completion(q, demo_ids):
+        position = {c: k for k, c in enumerate(pools[q][1])}
+        return " ".join(SelectorVocabulary.slot_word(position[d]) for d in demo_ids)
+
+    def loss_of(groups):
+        dataset = build_rce_dataset(groups, prompts.__getitem__, completion)
+        batch = RCECollator(tokenizer)(list(dataset))
+        with torch.no_grad():
+            nll = sequence_nll(model.eval(), batch)
+        return rce_loss(nll, batch["rewards"], batch["group_index"], temperature=1.0).item(), nll
+
+    unfiltered, nll = loss_of(group_scored_records(records, _reward)[0])
+    assert unfiltered > 1e3 and nll.max() > 1e3  # the failure: 1- and 3-shot sequences are impossible actions
+    groups, counts = group_scored_records(records, _reward, min_shots=2, max_shots=2)
+    assert counts["outside_shot_range"] == 6 and counts["sequences"] == 9
+    filtered, nll = loss_of(groups)
+    # a fresh selector is uniform: 2 slots of 6 then a forced stop -> NLL = log 6 + log 5 for every sequence
+    assert nll.tolist() == pytest.approx([math.log(6) + math.log(5)] * 9, abs=1e-3)
+    assert filtered == pytest.approx(math.log(30), abs=1e-3)
+
+
 def _tiny_lm(tokenizer):
     from trl_icd.testing.text import tiny_qwen2_lm
 

@@ -74,6 +74,27 @@ def test_every_shaping_mode_end_to_end_without_rescoring():
     assert backend.pairs_scored == 2  # the components were scored once, shaped 9 ways
 
 
+def test_soft_follows_the_vqa_protocol_and_protocols_never_share_cached_rows(tmp_path):
+    # The backend repeats the demonstration's answer "Yes"; the query's ten annotators all wrote "yes": today's
+    # official script compares them unnormalised (0), the 2016 script and lmms-eval normalise the prediction (1).
+    records = [{"id": i, "image": colour_image("red"), "image_id": 100 + i, "question": "is it red?",
+                "answers": ["yes"] * 10 if i == 0 else ["Yes"] * 10} for i in range(2)]
+    corpus = Corpus.from_records(records)
+    path = tmp_path / "rewards.sqlite"
+    expected = {"vqa": 0.0, "vqa2016": 1.0, "lmms_eval": 1.0}
+    backend = FakeBackend()
+    for protocol, soft in expected.items():
+        reward = InContextReward(corpus, backend, mode="soft_only", cache_path=path, vqa_protocol=protocol)
+        assert call(reward, ["1"], [0]) == [soft], protocol
+        assert reward.last_components[0]["answer"] == "Yes"
+        assert reward.cache_misses == 1 and reward.cache_hits == 0, protocol  # never another protocol's row
+    assert backend.pairs_scored == 3
+    again = InContextReward(corpus, backend, mode="hard_only", cache_path=path, vqa_protocol="vqa2016")
+    assert call(again, ["1"], [0]) == [1.0] and again.cache_hits == 1  # same protocol: a hit, whatever the shaping
+    with pytest.raises(ValueError, match="Unknown VQA protocol"):
+        InContextReward(corpus, backend, vqa_protocol="official")
+
+
 def test_unknown_mode_is_an_error():
     with pytest.raises(ValueError, match="unknown reward mode"):
         InContextReward(colour_corpus(), FakeBackend(), mode="hard_plus_everything")
@@ -121,6 +142,33 @@ def test_conversational_completions():
         [{"role": "assistant", "content": [{"type": "text", "text": "2, "}, {"type": "text", "text": "4"}]}],
     ]
     assert call(reward, completions, [0, 0]) == [2.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    "completion, status",
+    [
+        ([{"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f"}}]}], "empty"),  # TRL tools
+        ([{"role": "assistant"}], "empty"),  # no content key
+        ([{"role": "assistant", "content": []}], "empty"),
+        ([{"role": "assistant", "content": [{"type": "image"}, {"type": "text", "text": None}]}], "empty"),
+        ([], "empty"),  # no message at all
+        ([{"role": "assistant", "content": 7}], "unparseable"),
+        (["2, 4"], "unparseable"),  # messages that are not mappings
+        (None, "unparseable"),
+        (42, "unparseable"),
+    ],
+)
+def test_odd_conversational_completions_are_counted_fallback_rows(completion, status, caplog):
+    backend = FakeBackend()
+    reward = InContextReward(colour_corpus(), backend, invalid_reward=-0.5)
+    mixed_parts = [{"role": "assistant", "content": [{"type": "image"}, {"type": "text", "text": "2, 4"}]}]
+    with caplog.at_level("INFO", logger="trl_icd.rewards.in_context"):
+        rewards = call(reward, [completion, mixed_parts], [0, 0])
+    assert rewards == [-0.5, 2.0]  # the odd row is a fallback; the batch is scored
+    assert reward.last_statuses == [status, "ok"]
+    assert reward.status_counts[status] == 1 and reward.last_components[0] is None
+    assert f"'{status}': 1" in caplog.text  # logged with its count
+    assert backend.calls == [[(0, (2, 4))]]
 
 
 @pytest.mark.parametrize(

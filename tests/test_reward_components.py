@@ -57,8 +57,15 @@ def test_reward_components_hand_computed():
     assert comps["rel"] == 1.0
     assert reward_components("Dog", answers, logprobs, hard_threshold=0.6)["hard"] == 0.0
 
-    wrong = reward_components("two", ["2"] * 10, {"2": -0.5})
-    assert wrong["soft"] == 1.0 and wrong["hard"] == 1.0  # number words are normalised ("two" -> "2")
+    # Ten identical gold answers: today's official script normalises neither side ("two" != "2"); the 2016 script
+    # normalised the prediction. `rel` always compares normalised answers.
+    today = reward_components("two", ["2"] * 10, {"2": -0.5})
+    assert (today["soft"], today["hard"], today["rel"]) == (0.0, 0.0, 1.0)
+    old = reward_components("two", ["2"] * 10, {"2": -0.5}, protocol="vqa2016")
+    assert old["soft"] == 1.0 and old["hard"] == 1.0
+    # lmms-eval normalisation also for `rel`: commas deleted ("red,white" -> "redwhite" vs official "red white")
+    assert reward_components("red,white", ["red white"] * 10, {"red white": -1.0})["rel"] == 1.0
+    assert reward_components("red,white", ["redwhite"] * 10, {"redwhite": -1.0}, protocol="lmms_eval")["rel"] == 1.0
     miss = reward_components("horse", answers, logprobs)
     assert miss["soft"] == 0.0 and miss["hard"] == 0.0
     assert 0.0 < miss["rel"] < 1.0

@@ -312,6 +312,7 @@ def test_vllm_identity_tracks_every_score_setting():
         VLLMBackend("m", "http://h:1", prompt_format=PromptFormat(template="Q:{q} A:{a}")),
         VLLMBackend("m", "http://h:1", extra_identity={"dtype": "bfloat16"}),
         VLLMBackend("m", engine_kwargs={"dtype": "float32"}),
+        VLLMBackend("m", engine_kwargs={"mm_processor_kwargs": {"backend": "pil"}}),  # vLLM's image preprocessing
     ]
     hashes = {stable_hash(v.identity) for v in variants}
     assert len(hashes) == len(variants) and stable_hash(base.identity) not in hashes

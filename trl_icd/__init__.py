@@ -19,6 +19,8 @@ _NAMES = {
     # metric
     "normalize_answer": ".metrics",
     "vqa_accuracy": ".metrics",
+    "VQA_PROTOCOLS": ".metrics",
+    "register_vqa_protocol": ".metrics",
     # selector
     "ICDSelectorConfig": ".selector",
     "ICDSelectorForCausalLM": ".selector",

@@ -400,8 +400,10 @@ def markdown_table(
         ]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     n = results.num_queries
+    protocol = results.meta.get("vqa_protocol")
+    scored = f" (VQA accuracy, protocol `{protocol}`)" if protocol else ""
     lines.append("")
-    lines.append(f"Accuracy{' (%)' if scale == 100 else ''} ± half-width of the {level} {results.ci_method} "
+    lines.append(f"Accuracy{' (%)' if scale == 100 else ''}{scored} ± half-width of the {level} {results.ci_method} "
                  f"confidence interval over {n} queries.")
     return "\n".join(lines)
 

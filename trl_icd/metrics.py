@@ -1,26 +1,59 @@
-"""The official VQA accuracy (GT-Vision-Lab/VQA `PythonEvaluationTools/vqaEvaluation/vqaEval.py`), reproduced rule for
-rule so that scores are comparable with published VQAv2 / OK-VQA numbers.
+"""VQA accuracy under named scoring protocols, so scores are comparable with the published numbers each one produced.
 
-- The prediction is normalised: newlines/tabs to spaces, strip, punctuation rules, periods, then lower-case, number
-  words to digits, articles dropped, contractions restored (`normalize_answer`).
-- The gold answers get only the punctuation rules, and only when they are not all identical; they are not
-  lower-cased (the official annotation files are already normalised). `normalize_references=True` applies the full
-  prediction normalisation to them instead, for raw answers (e.g. some Hub copies).
-- Score: for each gold answer, drop it and count the matches among the others; `min(1, matches / 3)`; the mean over
-  the 10 leave-one-out subsets (the average over all 10-choose-9 annotator subsets). So 1, 2, 3, >=4 matching
-  annotators give 0.3, 0.6, 0.9, 1.0.
+Every protocol scores the same way: each gold answer in turn is left out, the others that equal the prediction are
+counted, `min(1, matches / 3)`, and the question's accuracy is the mean over the 10 leave-one-out subsets (the average
+over all 10-choose-9 annotator subsets; 1, 2, 3, >= 4 matching annotators give 0.3, 0.6, 0.9, 1.0). They differ in
+which strings they compare (`VQA_PROTOCOLS`):
 
-Fewer (or more) than 10 gold answers: the same leave-one-out average, with the consensus threshold scaled to the
-number of other annotators, `min(1, matches / ((n - 1) / 3))` ("a third of the others agree"; exactly the official
-`matches / 3` for n = 10). A single gold answer is scored by exact match. No answer at all is an error.
+- `"vqa"` (default): today's official GT-Vision-Lab/VQA `vqaEval.py` (since its 2021 fix "Fixed processing answers
+  bug"). Prediction and gold answers get newlines/tabs turned into spaces and are stripped; then, if the gold answers
+  are not all identical, both sides get the full normalisation (`normalize_answer`); if they are all identical,
+  neither side is normalised (so "Yes" against ten "yes" scores 0).
+- `"vqa2016"`: the script before that fix (LAVIS and others still ship it). The prediction always gets the full
+  normalisation; the gold answers get only the punctuation rules, and only when they are not all identical.
+- `"lmms_eval"`: lmms-eval's OK-VQA task. Both sides always get its EvalAI answer processor (`evalai_normalize`): the
+  official normalisation after lower-casing, deleting every `,` and `?`, and splitting `'s` off its word.
+
+On 10 gold answers each protocol reproduces its reference exactly. Other numbers of gold answers (one rule for every
+protocol): the same leave-one-out average with the consensus threshold scaled to the number of other annotators,
+`min(1, matches / ((n - 1) / 3))` ("a third of the others agree"; exactly `matches / 3` for n = 10). One gold answer
+is scored by exact match (after the protocol's processing); no gold answer is an error. The references keep
+`matches / 3` for every n instead (less credit below 10 answers, more above; a single answer always scores 0).
+Digits (`\\d` below) are Unicode digits, as in the Python 3 ports of the script; the Python 2 original knows 0-9.
+
+New protocols are a decorated function returning the strings to compare:
+
+```python
+from trl_icd.metrics import official_normalize, register_vqa_protocol
+
+@register_vqa_protocol("always_normalised", normalize=official_normalize)
+def always_normalised(prediction, answers):
+    return official_normalize(prediction), [official_normalize(a) for a in answers]
+```
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-__all__ = ["normalize_answer", "process_punctuation", "process_digit_article", "vqa_accuracy", "vqa_accuracy_batch"]
+__all__ = [
+    "DEFAULT_VQA_PROTOCOL",
+    "VQA_PROTOCOLS",
+    "VQAProtocol",
+    "evalai_normalize",
+    "official_normalize",
+    "get_vqa_protocol",
+    "normalize_answer",
+    "process_digit_article",
+    "process_punctuation",
+    "register_vqa_protocol",
+    "vqa_accuracy",
+    "vqa_accuracy_batch",
+]
+
+DEFAULT_VQA_PROTOCOL = "vqa"
 
 # The tables below are the official script's, verbatim (including entries that can never match after lower-casing,
 # such as "Im" and "Ive").
@@ -86,27 +119,104 @@ def process_digit_article(text: str) -> str:
     return " ".join(words)
 
 
-def normalize_answer(text: str) -> str:
-    """The official normalisation of a predicted answer."""
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    return process_digit_article(process_punctuation(text))
+def _clean(text: str) -> str:
+    """Newlines and tabs to spaces, then strip: what every protocol does to every answer first."""
+    return text.replace("\n", " ").replace("\t", " ").strip()
 
 
-def _process_references(answers: Sequence[str], normalize_references: bool) -> list[str]:
-    if normalize_references:
-        return [normalize_answer(answer) for answer in answers]
+def official_normalize(text: str) -> str:
+    """The official script's full normalisation: clean, punctuation, then digits/articles/contractions."""
+    return process_digit_article(process_punctuation(_clean(text)))
+
+
+def evalai_normalize(text: str) -> str:
+    """lmms-eval's `EvalAIAnswerProcessor`: lower-case, delete every `,` and `?`, split `'s` off its word (`dog's`
+    -> `dog 's`), strip, then the official normalisation. With the commas gone, the digit-comma-digit rule of the
+    punctuation step can never fire."""
+    text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    return official_normalize(text)
+
+
+# --------------------------------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class VQAProtocol:
+    """A named scoring protocol: `compared(prediction, answers) -> (prediction, answers)` gives the strings the
+    leave-one-out count compares; `normalize(text)` is the full normalisation it applies to an answer."""
+
+    name: str
+    compared: Callable[[str, Sequence[str]], tuple[str, list[str]]]
+    normalize: Callable[[str], str]
+
+
+VQA_PROTOCOLS: dict[str, VQAProtocol] = {}
+
+
+def register_vqa_protocol(name: str, normalize: Callable[[str], str]):
+    """Decorator adding `fn(prediction, answers) -> (compared prediction, compared answers)` to `VQA_PROTOCOLS`
+    under `name`, with `normalize` as its `normalize_answer` (re-registering a name replaces it)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"A VQA protocol name must be a non-empty string, got {name!r}.")
+
+    def decorator(fn):
+        VQA_PROTOCOLS[name] = VQAProtocol(name, fn, normalize)
+        return fn
+
+    return decorator
+
+
+def get_vqa_protocol(name: str) -> VQAProtocol:
+    """The registered protocol called `name`; a `ValueError` naming the valid protocols otherwise."""
+    try:
+        return VQA_PROTOCOLS[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"Unknown VQA protocol {name!r}. Valid protocols: {', '.join(sorted(VQA_PROTOCOLS))}."
+        ) from None
+
+
+@register_vqa_protocol("vqa", normalize=official_normalize)
+def _official(prediction: str, answers: Sequence[str]) -> tuple[str, list[str]]:
+    """Today's official script: normalise both sides unless the (cleaned) gold answers are all identical."""
+    prediction, answers = _clean(prediction), [_clean(a) for a in answers]
     if len(set(answers)) > 1:
-        return [process_punctuation(answer) for answer in answers]
-    return list(answers)
+        return official_normalize(prediction), [official_normalize(a) for a in answers]
+    return prediction, answers
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str], normalize_references: bool = False) -> float:
-    """VQA accuracy in [0, 1] of one predicted answer against the human answers of one question (module docstring).
+@register_vqa_protocol("vqa2016", normalize=official_normalize)
+def _official_2016(prediction: str, answers: Sequence[str]) -> tuple[str, list[str]]:
+    """The 2016 script: the prediction always normalised; differing gold answers get the punctuation rules only."""
+    if len(set(answers)) > 1:
+        return official_normalize(prediction), [process_punctuation(a) for a in answers]
+    return official_normalize(prediction), list(answers)
+
+
+@register_vqa_protocol("lmms_eval", normalize=evalai_normalize)
+def _lmms_eval(prediction: str, answers: Sequence[str]) -> tuple[str, list[str]]:
+    """lmms-eval's OK-VQA scoring: the EvalAI answer processor on both sides, always."""
+    return evalai_normalize(prediction), [evalai_normalize(a) for a in answers]
+
+
+# ------------------------------------------------------------------------------------------------------ scoring
+
+
+def normalize_answer(text: str, protocol: str = DEFAULT_VQA_PROTOCOL) -> str:
+    """The full normalisation `protocol` applies to an answer ("vqa" and "vqa2016": the official one; "lmms_eval":
+    the EvalAI processor). Under "vqa" it is skipped when the gold answers are all identical (`vqa_accuracy`)."""
+    return get_vqa_protocol(protocol).normalize(text)
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str], protocol: str = DEFAULT_VQA_PROTOCOL) -> float:
+    """VQA accuracy in [0, 1] of one predicted answer against the human answers of one question under `protocol`
+    (module docstring).
 
     Raises:
-        ValueError: no gold answer.
+        ValueError: no gold answer, or an unknown protocol.
         TypeError: a non-string prediction or answer.
     """
+    scorer = get_vqa_protocol(protocol)
     if isinstance(answers, str):
         raise TypeError("answers must be a sequence of strings (the annotators' answers), not one string.")
     answers = list(answers)
@@ -114,8 +224,7 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], normalize_references: 
         raise ValueError("vqa_accuracy needs at least one gold answer.")
     if not isinstance(prediction, str) or not all(isinstance(answer, str) for answer in answers):
         raise TypeError("The prediction and the gold answers must be strings.")
-    predicted = normalize_answer(prediction)
-    references = _process_references(answers, normalize_references)
+    predicted, references = scorer.compared(prediction, answers)
     total_matches = sum(reference == predicted for reference in references)
     if len(references) == 1:
         return float(total_matches)
@@ -125,9 +234,10 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], normalize_references: 
 
 
 def vqa_accuracy_batch(
-    predictions: Sequence[str], references: Sequence[Sequence[str]], normalize_references: bool = False
+    predictions: Sequence[str], references: Sequence[Sequence[str]], protocol: str = DEFAULT_VQA_PROTOCOL
 ) -> list[float]:
     """`vqa_accuracy` for each (prediction, answers) pair."""
+    get_vqa_protocol(protocol)
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} reference lists.")
-    return [vqa_accuracy(p, a, normalize_references) for p, a in zip(predictions, references, strict=True)]
+    return [vqa_accuracy(p, a, protocol) for p, a in zip(predictions, references, strict=True)]

@@ -134,8 +134,20 @@ class RewardArguments:
     invalid_reward: float | None = field(
         default=0.0, metadata={"help": "Reward of an unscorable selection (None: excluded from its group)."}
     )
+    vqa_protocol: str = field(
+        default="vqa",
+        metadata={
+            "help": "How VQA accuracy (the reward's `soft` component and every evaluation accuracy) is scored: 'vqa' "
+            "(today's official vqaEval.py: all-identical gold answers -> no normalisation, else both sides "
+            "normalised), 'vqa2016' (the script's earlier version) or 'lmms_eval' (lmms-eval's OK-VQA scoring). "
+            "Recorded in the reward-cache key and in evaluation results; see docs/metrics.md."
+        },
+    )
 
     def __post_init__(self):
+        from .metrics import get_vqa_protocol
+
+        get_vqa_protocol(self.vqa_protocol)
         if self.reward_backend not in BACKENDS:
             raise ValueError(f"reward_backend must be one of {BACKENDS}, got {self.reward_backend!r}")
         if self.reward_backend == "vllm" and not self.vllm_server_url:
@@ -325,6 +337,7 @@ def build_reward(data: DataBundle, args: RewardArguments, tokenizer=None, max_sh
         rel_weight=args.rel_weight,
         cache_path=args.reward_cache_path,
         invalid_reward=args.invalid_reward,
+        vqa_protocol=args.vqa_protocol,
         tokenizer=tokenizer,
         max_shots=max_shots,
         batch_size=args.reward_batch_size * 8,
@@ -402,8 +415,9 @@ def selector_completion(positions) -> str:
 def run_rce_warmup(model, tokenizer, data: DataBundle, data_args: DataArguments, reward_args: RewardArguments,
                    rce_args: RCEArguments, training_args):
     """RCE on the scored groups of `rce_args.rce_data_path`, rewards shaped as the GRPO reward shapes them; returns
-    the warmed-up model. Sequences whose demonstrations are not all in the query's pool (built by `build_pools`, as
-    in training) are dropped and counted."""
+    the warmed-up model. Sequences the selector cannot emit (a demonstration outside the query's pool, built by
+    `build_pools` as in training, or a shot count outside its [min_shots, max_shots]) are dropped and counted, and a
+    group holds one scorer's sequences only (`trl_icd.rce.group_scored_records`)."""
     from .rce import RCEConfig, RCETrainer, build_rce_dataset, group_scored_records, read_scored_jsonl
     from .rewards.shaping import shape_reward
 
@@ -415,7 +429,8 @@ def run_rce_warmup(model, tokenizer, data: DataBundle, data_args: DataArguments,
         return shape_reward(components, mode=reward_args.reward_mode, hard_weight=reward_args.hard_weight,
                             soft_weight=reward_args.soft_weight, rel_weight=reward_args.rel_weight)
 
-    groups, counts = group_scored_records(records, reward_of, drop_flat_groups=rce_args.rce_drop_flat_groups)
+    groups, counts = group_scored_records(records, reward_of, drop_flat_groups=rce_args.rce_drop_flat_groups,
+                                          min_shots=model.config.min_shots, max_shots=model.config.max_shots)
     logger.info("RCE groups: %s", counts)
     groups = {q: g for q, g in groups.items() if q in data.corpus}
     pools = build_pools(data, data_args, list(groups))
@@ -549,7 +564,8 @@ def evaluate_methods(data: DataBundle, reward, query_ids, shots, pools: dict | N
     from .evaluation import EvaluationResults
 
     query_ids = list(query_ids)
-    results = EvaluationResults(query_ids=query_ids, meta={"num_queries": len(query_ids)})
+    results = EvaluationResults(query_ids=query_ids, meta={"num_queries": len(query_ids),
+                                                           "vqa_protocol": getattr(reward, "vqa_protocol", None)})
     for s in sorted(set(shots)):
         if s == 0:
             results.add("zero_shot", 0, score_selections(reward, query_ids, {q: [] for q in query_ids}))
@@ -581,10 +597,12 @@ def run_demo_evaluation(model, tokenizer, data: DataBundle, data_args: DataArgum
     (a conservative bar for the selector); `oracle` = the best accuracy any selection of min_shots..max_shots items
     from the selector's pool reaches (demo world only: the simulated answerer knows it)."""
     import json
+    from functools import partial
 
     import numpy as np
 
     from .evaluation import markdown_comparison_table, markdown_table, plot_accuracy_vs_shots, plot_training_curves
+    from .metrics import vqa_accuracy
 
     if data.world is None:
         raise ValueError("the end-of-run evaluation with an oracle needs the demo world; use evaluate_okvqa.py")
@@ -600,7 +618,8 @@ def run_demo_evaluation(model, tokenizer, data: DataBundle, data_args: DataArgum
     backend = reward.backend
     oracle = [
         backend.oracle_accuracy(data.corpus[q], [data.corpus[c] for c in pools[q]], max_shots=max_shots,
-                                min_shots=min_shots).accuracy
+                                min_shots=min_shots, accuracy=partial(vqa_accuracy, protocol=reward.vqa_protocol)
+                                ).accuracy
         for q in query_ids
     ]
     results.add("oracle (pool)", max_shots, oracle)

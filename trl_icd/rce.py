@@ -136,24 +136,49 @@ def group_scored_records(
     records: Iterable[Mapping[str, Any]],
     reward_fn: Callable[[Mapping[str, float]], float],
     drop_flat_groups: bool = True,
+    min_shots: int | None = None,
+    max_shots: int | None = None,
+    scorer: str | None = None,
 ) -> tuple[dict[Any, list[tuple[tuple, float]]], dict[str, int]]:
     """Group scored sequences by query, de-duplicating identical ordered selections (first score kept).
 
+    Only comparable sequences share a group: rewards of different scorers (`"scorer"` field: model, prompt, VQA
+    protocol, ...) are not. With `scorer`, records of any other scorer are dropped; without it, a query whose records
+    come from several scorers keeps those of the scorer with the most distinct sequences (ties: the first seen).
+    Sequences the policy can never emit — fewer than `min_shots` or more than `max_shots` demonstrations — are
+    dropped: under the selector's masks their NLL is ~1e4 and would swamp the loss. Every drop is counted and logged;
+    when no sequence is left at all, a `ValueError` says why.
+
     Returns `{query_id: [(demo_ids, reward), ...]}` and counts (`queries`, `sequences`, `duplicates`,
-    `flat_groups`, `dropped_flat_groups`). A flat group (every reward equal) carries no preference; by default it
-    is dropped and counted rather than imitated uniformly."""
-    groups: dict[Any, dict[tuple, float]] = defaultdict(dict)
+    `outside_shot_range`, `other_scorer`, `mixed_scorer_queries`, `mixed_scorer_sequences`, `flat_groups`,
+    `dropped_flat_groups`). A flat group (every reward equal) carries no preference; by default it is dropped and
+    counted rather than imitated uniformly."""
+    groups: dict[Any, dict[Any, dict[tuple, float]]] = defaultdict(lambda: defaultdict(dict))
     counts = defaultdict(int)
+    total = 0
     for rec in records:
+        total += 1
         demos = tuple(rec["demo_ids"])
-        group = groups[rec["query_id"]]
+        if (min_shots is not None and len(demos) < min_shots) or (max_shots is not None and len(demos) > max_shots):
+            counts["outside_shot_range"] += 1
+            continue
+        record_scorer = rec.get("scorer")
+        if scorer is not None and record_scorer != scorer:
+            counts["other_scorer"] += 1
+            continue
+        group = groups[rec["query_id"]][record_scorer]
         if demos in group:
             counts["duplicates"] += 1
             continue
-        reward = float(reward_fn(rec["components"]))
-        group[demos] = reward
+        group[demos] = float(reward_fn(rec["components"]))
+    _log_dropped_records(counts, total, min_shots, max_shots, scorer)
     out = {}
-    for qid, group in groups.items():
+    for qid, by_scorer in groups.items():
+        kept = max(by_scorer, key=lambda name: len(by_scorer[name]))
+        if len(by_scorer) > 1:
+            counts["mixed_scorer_queries"] += 1
+            counts["mixed_scorer_sequences"] += sum(len(g) for name, g in by_scorer.items() if name != kept)
+        group = by_scorer[kept]
         values = [r for r in group.values() if not math.isnan(r)]
         if not values:
             continue
@@ -164,8 +189,32 @@ def group_scored_records(
                 continue
         out[qid] = list(group.items())
         counts["sequences"] += len(group)
+    if counts["mixed_scorer_queries"]:
+        logger.warning(
+            "RCE data: %d queries hold sequences of several scorers; each keeps one scorer's sequences (%d sequences "
+            "of other scorers dropped)", counts["mixed_scorer_queries"], counts["mixed_scorer_sequences"],
+        )
     counts["queries"] = len(out)
     return out, dict(counts)
+
+
+def _log_dropped_records(counts, total: int, min_shots, max_shots, scorer) -> None:
+    """Log the records `group_scored_records` dropped before grouping; refuse when none is left."""
+    outside, other = counts["outside_shot_range"], counts["other_scorer"]
+    if outside:
+        logger.warning(
+            "RCE data: %d of %d scored sequences have a number of demonstrations outside [%s, %s], which the policy "
+            "can never emit; dropped", outside, total, min_shots, max_shots,
+        )
+    if other:
+        logger.warning("RCE data: %d of %d scored sequences come from other scorers than %s; dropped", other, total,
+                       scorer)
+    if total and outside + other == total:
+        raise ValueError(
+            f"RCE data: none of the {total} scored sequences is usable ({outside} with a number of demonstrations "
+            f"outside [{min_shots}, {max_shots}], {other} from other scorers than {scorer}); generate RL data with "
+            "the policy's shot range and scorer"
+        )
 
 
 def build_rce_dataset(

@@ -2,14 +2,16 @@
 
     import evaluate, trl_icd.metrics_module
     metric = evaluate.load(trl_icd.metrics_module.VQA_ACCURACY_PATH)
-    metric.compute(predictions=["two"], references=[["2"] * 10])   # {'vqa_accuracy': 1.0}
+    metric.compute(predictions=["two"], references=[["2", "two"] * 5])                         # {'vqa_accuracy': 1.0}
+    metric.compute(predictions=["Yes"], references=[["yes"] * 10], protocol="vqa2016")  # {'vqa_accuracy': 1.0}
 
-The scores are `trl_icd.metrics.vqa_accuracy` (the official VQA evaluation, see that module)."""
+The scores are `trl_icd.metrics.vqa_accuracy` under a named protocol: "vqa" (today's official script, the default),
+"vqa2016" or "lmms_eval" (see that module)."""
 
 import datasets
 import evaluate
 
-from trl_icd.metrics import vqa_accuracy_batch
+from trl_icd.metrics import DEFAULT_VQA_PROTOCOL, vqa_accuracy_batch
 
 _CITATION = """@inproceedings{antol2015vqa,
   title={{VQA}: Visual Question Answering},
@@ -20,16 +22,16 @@ _CITATION = """@inproceedings{antol2015vqa,
 }"""
 
 _DESCRIPTION = (
-    "Official VQA accuracy: the prediction is normalised (punctuation, periods, number words, articles, "
-    "contractions) and scored min(1, matching annotators / 3), averaged over the 10 leave-one-out annotator subsets."
+    "VQA accuracy: min(1, matching annotators / 3), averaged over the 10 leave-one-out annotator subsets, after the "
+    "answer normalisation of a named protocol (punctuation, periods, number words, articles, contractions): 'vqa' "
+    "(today's official script), 'vqa2016' (its earlier version) or 'lmms_eval' (lmms-eval's OK-VQA scoring)."
 )
 
 _KWARGS_DESCRIPTION = (
     "Args:\n"
     "    predictions (list of str): one predicted answer per question.\n"
     "    references (list of list of str): the human answers of each question (usually 10).\n"
-    "    normalize_references (bool, default False): apply the full prediction normalisation to the answers too\n"
-    "        (for raw, non-normalised annotations); the official script only strips their punctuation.\n"
+    "    protocol (str, default 'vqa'): the scoring protocol, a name in `trl_icd.metrics.VQA_PROTOCOLS`.\n"
     "    return_per_question (bool, default False): also return the score of every question.\n"
     "Returns:\n"
     "    vqa_accuracy (float in [0, 1]): the mean over questions; per_question (list of float) on request.\n"
@@ -49,10 +51,10 @@ class VQAAccuracy(evaluate.Metric):
             reference_urls=["https://github.com/GT-Vision-Lab/VQA"],
         )
 
-    def _compute(self, predictions, references, normalize_references=False, return_per_question=False):
+    def _compute(self, predictions, references, protocol=DEFAULT_VQA_PROTOCOL, return_per_question=False):
         if not predictions:
             raise ValueError("VQA accuracy needs at least one prediction.")
-        scores = vqa_accuracy_batch(predictions, references, normalize_references=normalize_references)
+        scores = vqa_accuracy_batch(predictions, references, protocol=protocol)
         result = {"vqa_accuracy": sum(scores) / len(scores)}
         if return_per_question:
             result["per_question"] = scores

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from difflib import SequenceMatcher
 
-from ..metrics import normalize_answer, vqa_accuracy
+from ..metrics import DEFAULT_VQA_PROTOCOL, normalize_answer, vqa_accuracy
 
 COMPONENT_KEYS = ("hard", "soft", "gt_prob", "rel")
 
@@ -56,16 +56,17 @@ def edit_similarity(prediction: str, reference: str) -> float:
     return SequenceMatcher(None, prediction, reference).ratio()
 
 
-def relevance(prediction: str, answers: Sequence[str]) -> float:
-    """max over gold answers of max(token-F1, edit similarity), after VQA normalisation of both sides.
+def relevance(prediction: str, answers: Sequence[str], protocol: str = DEFAULT_VQA_PROTOCOL) -> float:
+    """max over gold answers of max(token-F1, edit similarity), after the VQA `protocol`'s full normalisation of both
+    sides.
 
     Graded credit for a wrong answer that is close ("dogs" vs "dog"); an empty prediction gets 0.
     """
-    pred = normalize_answer(prediction)
+    pred = normalize_answer(prediction, protocol)
     if not pred:
         return 0.0
     best = 0.0
-    for gold in {normalize_answer(a) for a in answers}:
+    for gold in {normalize_answer(a, protocol) for a in answers}:
         if gold:
             best = max(best, token_f1(pred, gold), edit_similarity(pred, gold))
     return best
@@ -76,6 +77,7 @@ def reward_components(
     answers: Sequence[str],
     answer_logprobs: Mapping[str, float],
     hard_threshold: float = 0.0,
+    protocol: str = DEFAULT_VQA_PROTOCOL,
 ) -> dict[str, float]:
     """{hard, soft, gt_prob, rel} of one prediction.
 
@@ -84,11 +86,12 @@ def reward_components(
         answers: the query's gold answers (all annotations, repeats included: they are counts).
         answer_logprobs: summed answer-token log-prob of each distinct non-blank gold answer.
         hard_threshold: `hard` = 1 when `soft` > this (0 = "any annotator agreed").
+        protocol: the VQA scoring protocol of `soft` and the normalisation of `rel` (`trl_icd.metrics`).
     """
-    soft = float(vqa_accuracy(prediction, list(answers)))
+    soft = float(vqa_accuracy(prediction, list(answers), protocol))
     return {
         "hard": 1.0 if soft > hard_threshold else 0.0,
         "soft": soft,
         "gt_prob": gt_probability(answers, answer_logprobs),
-        "rel": relevance(prediction, answers),
+        "rel": relevance(prediction, answers, protocol),
     }

@@ -28,6 +28,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from tqdm.auto import tqdm
 
 from ..data.corpus import Corpus, CorpusItem, ImageLoadError
+from ..metrics import DEFAULT_VQA_PROTOCOL, get_vqa_protocol
 from .backend import PartialBatchError, RewardBackend
 from .cache import CacheKey, RewardCache, plain_id, rl_record
 from .components import COMPONENT_KEYS, distinct_gold_answers, reward_components
@@ -68,15 +69,33 @@ class RejectedRow(ValueError):
 
 
 def completion_text(completion) -> str:
-    """The text of a TRL completion: a string, or conversational messages (the last message's text)."""
+    """The text of a TRL completion: a string, or conversational messages (the last message's text: a string or
+    the text parts of a list of content parts).
+
+    Raises RejectedRow (a counted, logged fallback row, never a crash of the batch): "empty" for no messages or a
+    last message without text (`"content": None`, as TRL writes for tool calls; no content; no text part),
+    "unparseable" for any other shape."""
     if isinstance(completion, str):
         return completion
-    if isinstance(completion, Sequence) and completion and isinstance(completion[-1], Mapping):
-        content = completion[-1].get("content", "")
-        if isinstance(content, str):
-            return content
-        return "".join(part.get("text", "") for part in content if isinstance(part, Mapping))
-    raise RejectedRow("unparseable", f"completion of type {type(completion).__name__}")
+    if not isinstance(completion, Sequence):
+        raise RejectedRow("unparseable", f"completion of type {type(completion).__name__}")
+    if not completion:
+        raise RejectedRow("empty", "no messages in the completion")
+    message = completion[-1]
+    if not isinstance(message, Mapping):
+        raise RejectedRow("unparseable", f"last message of type {type(message).__name__}")
+    content = message.get("content")
+    if content is None:
+        raise RejectedRow("empty", "the last message has no text content (e.g. a tool call)")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Sequence):
+        texts = [part.get("text") for part in content if isinstance(part, Mapping)]
+        texts = [text for text in texts if isinstance(text, str)]
+        if not texts:
+            raise RejectedRow("empty", "the last message has no text part")
+        return "".join(texts)
+    raise RejectedRow("unparseable", f"message content of type {type(content).__name__}")
 
 
 def parse_id_list(text: str, corpus: Corpus) -> list:
@@ -159,6 +178,9 @@ class InContextReward:
         max_failed_calls: raise after this many consecutive calls in which every pair sent to the backend failed
             (a dead server must stop training, not feed it fallback rewards); None = never.
         name: `__name__` (TRL's metric prefix `rewards/<name>/...`) and the prefix of the metrics logged here.
+        vqa_protocol: how `soft` (VQA accuracy) is scored: "vqa" (today's official script), "vqa2016" or
+            "lmms_eval" (`trl_icd.metrics.VQA_PROTOCOLS`); part of the scorer identity, so cached rows of different
+            protocols never mix.
 
     After each call: `last_components` (per row: hard, soft, gt_prob, rel, answer, query_id, demo_ids; None for a
     row without components), `last_statuses` ("ok" or a reason), `last_metrics`; running totals `status_counts`,
@@ -184,6 +206,7 @@ class InContextReward:
         batch_size: int | None = None,
         max_failed_calls: int | None = 3,
         name: str = "in_context_reward",
+        vqa_protocol: str = DEFAULT_VQA_PROTOCOL,
     ):
         if mode not in REWARD_MODES:
             raise ValueError(f"unknown reward mode {mode!r}; known: {sorted(REWARD_MODES)}")
@@ -192,6 +215,7 @@ class InContextReward:
         backend_format = getattr(backend, "prompt_format", None)
         if prompt_format is not None and backend_format is not None and prompt_format != backend_format:
             raise ValueError("prompt_format differs from the backend's own prompt format; configure the backend")
+        get_vqa_protocol(vqa_protocol)  # an unknown name fails here, not on the first scored row
         self.corpus = corpus
         self.backend = backend
         self.mode = mode
@@ -204,6 +228,7 @@ class InContextReward:
         self.tokenizer = tokenizer
         self.prompt_format = prompt_format or backend_format or PromptFormat()
         self.hard_threshold = hard_threshold
+        self.vqa_protocol = vqa_protocol
         self.max_shots = max_shots
         self.batch_size = batch_size
         self.max_failed_calls = max_failed_calls
@@ -220,11 +245,13 @@ class InContextReward:
     # ------------------------------------------------------------------------------------------------ identity
     @property
     def scorer_identity(self) -> dict:
-        """Everything that changes a cached row: backend identity, prompt format, component definition."""
+        """Everything that changes a cached row: backend identity, prompt format, component definition (with the
+        VQA protocol of `soft`). Shaping (mode, weights) is not part of it: the cache stores components."""
         return {
             "backend": self.backend.identity,
             "prompt_format": self.prompt_format.identity(),
-            "components": {"version": COMPONENTS_VERSION, "hard_threshold": self.hard_threshold},
+            "components": {"version": COMPONENTS_VERSION, "hard_threshold": self.hard_threshold,
+                           "vqa_protocol": self.vqa_protocol},
         }
 
     @property
@@ -430,7 +457,8 @@ class InContextReward:
             if not math.isfinite(value) or value > 1e-3:
                 raise ValueError(f"invalid log-prob {value} for answer {answer!r}")
             checked[answer] = min(value, 0.0)
-        components = reward_components(prediction, prompt.query.answers, checked, self.hard_threshold)
+        components = reward_components(prediction, prompt.query.answers, checked, self.hard_threshold,
+                                       self.vqa_protocol)
         components["answer"] = prediction
         return components
 

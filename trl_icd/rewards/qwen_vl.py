@@ -86,6 +86,19 @@ def load_qwen2_5_vl_processor(name_or_path: str, **kwargs) -> ProcessorMixin:
     return Qwen2_5_VLImageOnlyProcessor.from_pretrained(name_or_path, **kwargs)
 
 
+def image_processing_identity(image_processor) -> dict:
+    """Which image-processing path turns images into pixel values, for the scorer identity: the PIL/NumPy processor
+    and the torchvision-backed one resize and normalise differently (up to 0.34 in normalised pixel units on noisy
+    images), and which one loads depends on whether torchvision is installed. Records the class, its backend and a
+    hash of its settings (the size bounds are recorded as min/max pixels)."""
+    settings = {k: v for k, v in image_processor.to_dict().items() if k not in ("size", "image_processor_type")}
+    return {
+        "class": type(image_processor).__name__,
+        "backend": getattr(image_processor, "backend", None),
+        "settings": stable_hash(settings),
+    }
+
+
 class VisionFeatureCache:
     """Bounded LRU of vision-tower outputs per image: key -> (grid_thw [1, 3], merged features [n_tokens, hidden]).
 
@@ -335,6 +348,7 @@ class QwenVLBackend(RewardBackend):
             ),
             "min_pixels": self.min_pixels,
             "max_pixels": self.max_pixels,
+            "image_processor": image_processing_identity(self.processor.image_processor),
             "include_end": self.include_end,
         }
 

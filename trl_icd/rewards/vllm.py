@@ -45,7 +45,9 @@ logger = logging.getLogger(__name__)
 
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 # Engine arguments that change scores (part of `identity`); the rest (memory, parallelism) do not.
-_SCORE_ENGINE_KWARGS = ("dtype", "quantization", "tokenizer", "tokenizer_revision", "hf_overrides", "max_model_len")
+# `mm_processor_kwargs` configures vLLM's own image preprocessing (which image processor, pixel bounds).
+_SCORE_ENGINE_KWARGS = ("dtype", "quantization", "tokenizer", "tokenizer_revision", "hf_overrides", "max_model_len",
+                        "mm_processor_kwargs")
 
 
 class VLLMRequestError(RuntimeError):
@@ -145,6 +147,9 @@ class VLLMBackend(RewardBackend):
             408/429/5xx answers with exponential backoff (s).
         max_workers: concurrent requests.
         revision, extra_identity: recorded in `identity` (e.g. {"dtype": "bfloat16"} for what the server runs).
+            Images are preprocessed by vLLM, not by this client: record a server's image-processing settings here
+            (e.g. {"image_processor_backend": "pil"}) so caches of differently configured servers never
+            mix; the offline engine's `engine_kwargs["mm_processor_kwargs"]` is recorded automatically.
         engine_kwargs: `vllm.LLM(**engine_kwargs)` for the offline engine (default image limit: 9 per prompt).
     """
 
