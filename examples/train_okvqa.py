@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 
 from trl import ModelConfig, TrlParser
@@ -77,6 +78,7 @@ def _resume_target(training_args) -> str | bool | None:
 def main(argv: list[str] | None = None) -> dict:
     """Run the pipeline; returns where things went (`output_dir`, `start_policy`, `reference_policy`, ...) and, with
     `--evaluate`, the evaluation results."""
+    started = time.perf_counter()
     script_args, data_args, reward_args, selector_args, rce_args, training_args, model_args = (
         make_parser().parse_args_and_config(argv)
     )
@@ -131,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         model = save_trained_selector(trainer, tokenizer, training_args)
         log_history = trainer.state.log_history
         run["global_step"] = trainer.state.global_step
+        run["training_cost"] = trainer.cost_summary()
         if trainer.ref_model is not None:
             run["reference_policy"] = trainer.ref_model.config._name_or_path
     else:
@@ -143,7 +146,28 @@ def main(argv: list[str] | None = None) -> dict:
             model, tokenizer, data, data_args, reward_args, training_args.output_dir, log_history
         )
         print(json.dumps(run["eval_results"], indent=2))
+    if training_args.process_index == 0:
+        write_run_summary(training_args.output_dir, run, time.perf_counter() - started)
     return run
+
+
+def write_run_summary(output_dir: str, run: dict, wall_time: float) -> str:
+    """`run_summary.json`: wall time, steps, what the reward calls cost (sent to the backend, answered from the
+    cache, rejected, skipped before rollout; groups dropped or replaced) and, with `--evaluate`, the held-out
+    accuracies. Written for every run, evaluated or not."""
+    summary = {
+        "wall_time_s": round(wall_time, 2),
+        "global_step": run.get("global_step"),
+        "training_cost": run.get("training_cost", {}),
+        "eval_results": run.get("eval_results"),
+        "output_dir": run["output_dir"],
+        "start_policy": run["start_policy"],
+        "reference_policy": run.get("reference_policy"),
+    }
+    path = os.path.join(output_dir, "run_summary.json")
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=2)
+    return path
 
 
 def save_trained_selector(trainer, tokenizer, training_args):

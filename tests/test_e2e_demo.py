@@ -47,6 +47,8 @@ def test_short_demo_learns(tmp_path):
     for name in ("eval_table.md", "eval_details.json", "accuracy_vs_shots.png", "training_curves.png"):
         assert (out / name).stat().st_size > 0, name
     assert "| selector |" in (out / "eval_table.md").read_text()
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["eval_results"] == results and summary["training_cost"]["reward_calls/sent"] > 0
     assert Path(run["start_policy"]).is_dir()
 
 
@@ -67,6 +69,11 @@ def test_lora_run_saves_a_loadable_merged_selector(tmp_path):
     )
     assert run["global_step"] == 3
     assert (out / "adapter" / "adapter_config.json").is_file()
+    summary = json.loads((out / "run_summary.json").read_text())  # written without an evaluation too
+    assert summary["global_step"] == 3 and summary["eval_results"] is None and summary["wall_time_s"] > 0
+    cost = summary["training_cost"]
+    assert cost["reward_calls/rows_scored"] == 3 * 64 == cost["reward_calls/sent"] + cost["reward_calls/cached"] + (
+        cost["reward_calls/rejected"])
     loaded = AutoModelForCausalLM.from_pretrained(out)
     start = AutoModelForCausalLM.from_pretrained(run["start_policy"])
     # Training moved the merged weights away from the start policy (LoRA deltas were folded in).

@@ -1,4 +1,5 @@
-"""Two processes (torchrun, gloo, CPU) whose groups are split across ranks get the advantages one process gets."""
+"""Two processes (torchrun, gloo, CPU) whose groups are split across ranks get the advantages one process gets; with
+selective rollout and dropped flat groups, every process holds the same history as the single process."""
 
 import json
 import os
@@ -69,3 +70,16 @@ def test_two_processes_match_one(tmp_path):
         # adaptive KL: the coefficient is the same on every rank (the KL it follows is reduced over processes)
         assert parts[0]["beta"] == parts[1]["beta"]
     assert ranks[0]["final_beta"] == ranks[1]["final_beta"]
+
+    # zero-contrast run: same skip decisions, same history and counters on every rank and in the single process
+    single_zc = json.loads((single_dir / "zero_contrast_rank0.json").read_text())
+    ranks_zc = [json.loads((multi_dir / f"zero_contrast_rank{r}.json").read_text()) for r in (0, 1)]
+    assert single_zc["summary"]["zero_contrast/queries_skipped"] > 0
+    for part in ranks_zc:
+        assert part["flat_streak"] == single_zc["flat_streak"]
+        assert part["times_scored"] == single_zc["times_scored"]
+        assert part["summary"] == single_zc["summary"]
+        assert part["rewards"] == single_zc["rewards"]
+    for step, advantages in enumerate(single_zc["local_advantages"]):
+        both = ranks_zc[0]["local_advantages"][step] + ranks_zc[1]["local_advantages"][step]
+        assert both == pytest.approx(advantages)

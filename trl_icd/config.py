@@ -117,8 +117,43 @@ class ICDGRPOConfig(GRPOConfig):
                           "after about 1/this appearances (in (0, 1])."},
     )
 
+    plateau_stopping_metric: str | None = field(
+        default=None,
+        metadata={
+            "help": "Stop training when this logged training metric (e.g. 'reward') has plateaued: its moving average "
+            "over `plateau_stopping_window` logged values has not improved on its best by more than "
+            "`plateau_stopping_min_delta` for `plateau_stopping_patience` logged values (one per `logging_steps`). "
+            "None: train for the configured steps/epochs."
+        },
+    )
+    plateau_stopping_mode: str = field(
+        default="max", metadata={"help": "'max': a higher metric is better (a reward); 'min': lower is better."}
+    )
+    plateau_stopping_patience: int = field(
+        default=10, metadata={"help": "Logged values without improvement before training stops."}
+    )
+    plateau_stopping_min_delta: float = field(
+        default=0.0, metadata={"help": "Smallest change of the moving average that counts as an improvement."}
+    )
+    plateau_stopping_window: int = field(
+        default=5, metadata={"help": "Logged values in the moving average the plateau rule compares."}
+    )
+
     def __post_init__(self):
         super().__post_init__()
+        _require(
+            self.plateau_stopping_mode in ("max", "min"),
+            f"plateau_stopping_mode must be 'max' or 'min', got {self.plateau_stopping_mode!r}.",
+        )
+        _require(
+            isinstance(self.plateau_stopping_patience, int) and self.plateau_stopping_patience >= 1
+            and isinstance(self.plateau_stopping_window, int) and self.plateau_stopping_window >= 1,
+            "plateau_stopping_patience and plateau_stopping_window must be integers >= 1.",
+        )
+        _require(
+            _is_number(self.plateau_stopping_min_delta) and self.plateau_stopping_min_delta >= 0,
+            f"plateau_stopping_min_delta must be a number >= 0, got {self.plateau_stopping_min_delta!r}.",
+        )
         _require(
             self.zero_contrast_groups in ZERO_CONTRAST_MODES,
             f"Unknown zero_contrast_groups {self.zero_contrast_groups!r}; valid: {', '.join(ZERO_CONTRAST_MODES)}.",

@@ -18,6 +18,7 @@ from trl.trainer.utils import split_pixel_values_by_grid, unsplit_pixel_values_b
 
 from .advantages import advantage_stats, aggregate_rewards, compute_group_advantages, group_has_contrast
 from .config import ICDGRPOConfig
+from .stopping import PlateauStoppingCallback
 from .zero_contrast import (
     ROW_INDEX_COLUMN,
     SKIP_COLUMN,
@@ -164,6 +165,16 @@ class ICDGRPOTrainer(GRPOTrainer):
                     factor=args.adaptive_kl_factor,
                     beta_min=args.adaptive_kl_beta_min,
                     beta_max=args.adaptive_kl_beta_max,
+                )
+            )
+        if args.plateau_stopping_metric:
+            self.add_callback(
+                PlateauStoppingCallback(
+                    metric=args.plateau_stopping_metric,
+                    patience=args.plateau_stopping_patience,
+                    min_delta=args.plateau_stopping_min_delta,
+                    window=args.plateau_stopping_window,
+                    mode=args.plateau_stopping_mode,
                 )
             )
         num_rows = len(self.train_dataset) if self._rows_known and self.train_dataset is not None else 0
@@ -495,12 +506,17 @@ class ICDGRPOTrainer(GRPOTrainer):
                 counters.rows_in_loss / counters.rows_in_batches if counters.rows_in_batches else None
             ),
         }
+        plateau = self._callback(PlateauStoppingCallback)
+        if plateau is not None:
+            summary["stopped_on_plateau_at_step"] = plateau.stopped_at
         return {key: value for key, value in summary.items() if value is not None}
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if self.model.training and not any(key.startswith("eval_") for key in logs):
             for key, value in self.cost_summary().items():
-                if key != "zero_contrast/frac_rows_with_gradient":  # per-step value logged from the metrics
+                if key.startswith("reward_calls/") or key.startswith("zero_contrast/") and key != (
+                    "zero_contrast/frac_rows_with_gradient"  # its per-step value comes from the metrics
+                ):
                     logs[key] = value
         super().log(logs, start_time)
 
