@@ -141,6 +141,8 @@ class ICDGRPOConfig(GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if isinstance(self.plateau_stopping_metric, str) and self.plateau_stopping_metric.lower() in ("", "none"):
+            self.plateau_stopping_metric = None  # the command line's way of saying "off"
         _require(
             self.plateau_stopping_mode in ("max", "min"),
             f"plateau_stopping_mode must be 'max' or 'min', got {self.plateau_stopping_mode!r}.",

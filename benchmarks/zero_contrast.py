@@ -1,0 +1,225 @@
+"""Reward calls to a given held-out accuracy, per zero-contrast arm, on the offline demo (not a test).
+
+    python benchmarks/zero_contrast.py                              # every arm, the demo recipe
+    python benchmarks/zero_contrast.py --arms off selective --max_steps 600
+
+Every arm trains a fresh selector with the same recipe, world, seed and pools (`examples/train_okvqa.py`); the arms
+differ only in their zero-contrast options (and `--stop_on_plateau` adds the recipe's plateau rule to all of them).
+During training the held-out accuracy is measured every `--eval_every` steps on `--curve_queries` held-out queries
+(greedy selections, the selector's own stop, scored through a separate reward object: those calls are not counted).
+At the end each trained selector is scored on every held-out query.
+
+Printed per arm: reward calls that reached the scoring backend (after the reward cache), rows skipped before any
+reward call, groups dropped, steps, wall time, final held-out accuracy (95% CI), selector / oracle, and the reward
+calls at which its held-out curve first reached the `off` arm's final curve accuracy minus one point, with the ratio
+to the `off` arm's total calls. Writes `zero_contrast.json` and `calls_vs_accuracy.png` to `--output_dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "demo" / "cpu.yaml"
+
+# Only the zero-contrast options differ between arms.
+ARMS = {
+    "off": [],
+    "drop": ["--zero_contrast_groups", "drop"],
+    "resample": ["--zero_contrast_groups", "resample"],
+    "selective": ["--selective_rollout", "true"],
+    "selective+drop": ["--selective_rollout", "true", "--zero_contrast_groups", "drop"],
+}
+# The recipe's own zero-contrast settings are reset, so "off" is plain GRPO whatever the recipe turns on.
+RESET = ["--zero_contrast_groups", "keep", "--selective_rollout", "false"]
+PLATEAU_OFF = ["--plateau_stopping_metric", "none"]
+
+
+def load_train_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_okvqa", ROOT / "examples" / "train_okvqa.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_log(output_dir: Path) -> list[dict]:
+    path = output_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def held_out_curve(log: list[dict]) -> list[dict]:
+    """(step, reward calls sent so far, held-out accuracy) at every held-out evaluation: the calls are those of the
+    latest training log at or before that step (0 before the first)."""
+    calls_at = {0: 0}
+    for entry in log:
+        if "reward_calls/sent" in entry and "step" in entry:
+            calls_at[int(entry["step"])] = int(entry["reward_calls/sent"])
+    steps = sorted(calls_at)
+    curve = []
+    for entry in log:
+        if "heldout/accuracy" not in entry:
+            continue
+        step = int(entry["step"])
+        known = [s for s in steps if s <= step]
+        curve.append({"step": step, "calls": calls_at[known[-1]], "accuracy": float(entry["heldout/accuracy"])})
+    return curve
+
+
+def final_accuracy(output_dir: Path, argv: list[str]) -> dict:
+    """Every held-out query, the trained selector's own choices, through a fresh simulated reward: mean, 95% CI, and
+    the oracle over the same pools."""
+    import numpy as np
+
+    from trl_icd import pipeline
+    from trl_icd.evaluation import mean_ci
+
+    train = load_train_script()
+    parsed = train.make_parser().parse_args_and_config(argv)
+    data_args, reward_args, selector_args = parsed[1], parsed[2], parsed[3]
+    data = pipeline.load_data(data_args)
+    model, tokenizer = pipeline.load_or_build_selector(str(output_dir), data, data_args, selector_args)
+    query_ids = list(data.eval_ids)
+    pools = pipeline.build_pools(data, data_args, query_ids)
+    reward = pipeline.build_reward(data, reward_args)
+    picks = pipeline.select_with_selector(model, tokenizer, data, pools, query_ids, show_progress=False)
+    accuracies = pipeline.score_selections(reward, query_ids, picks)
+    backend = reward.backend
+    oracle = [
+        backend.oracle_accuracy(data.corpus[q], [data.corpus[c] for c in pools[q]], max_shots=model.config.max_shots,
+                                min_shots=model.config.min_shots).accuracy
+        for q in query_ids
+    ]
+    interval = mean_ci(accuracies)
+    return {"accuracy": interval.mean, "ci_low": interval.low, "ci_high": interval.high,
+            "oracle": float(np.mean(oracle)), "queries": len(query_ids), "per_query": list(map(float, accuracies))}
+
+
+def run_arm(name: str, extra: list[str], args) -> dict:
+    output_dir = Path(args.output_dir) / name.replace("+", "_")
+    argv = [
+        "--config", str(args.recipe), "--output_dir", str(output_dir), "--seed", str(args.seed),
+        "--evaluate", "false", "--disable_tqdm", "true", "--report_to", "none",
+        "--heldout_eval_steps", str(args.eval_every), "--heldout_eval_queries", str(args.curve_queries),
+        *RESET, *([] if args.stop_on_plateau else PLATEAU_OFF), *extra,
+    ]
+    if args.max_steps:
+        argv += ["--max_steps", str(args.max_steps)]
+    print(f"[{name}] training: {' '.join(extra) or '(plain GRPO)'}", flush=True)
+    started = time.perf_counter()
+    run = load_train_script().main(argv)
+    wall = time.perf_counter() - started
+    summary = json.loads((output_dir / "run_summary.json").read_text())
+    cost = summary["training_cost"]
+    final = final_accuracy(output_dir, argv)
+    result = {
+        "arm": name,
+        "options": extra,
+        "steps": run.get("global_step"),
+        "wall_time_s": wall,
+        "reward_calls": cost.get("reward_calls/sent", 0),
+        "rows_skipped": cost.get("reward_calls/rows_skipped", 0),
+        "groups_dropped": cost.get("zero_contrast/groups_dropped", 0),
+        "refill_rounds": cost.get("zero_contrast/refill_rounds", 0),
+        "curve": held_out_curve(read_log(output_dir)),
+        **final,
+    }
+    print(f"[{name}] {result['steps']} steps, {result['reward_calls']} reward calls, {wall:.0f} s, held-out "
+          f"{100 * final['accuracy']:.1f} (oracle {100 * final['oracle']:.1f})", flush=True)
+    return result
+
+
+def calls_to_reach(curve: list[dict], target: float) -> int | None:
+    for point in curve:
+        if point["accuracy"] >= target:
+            return point["calls"]
+    return None
+
+
+def report(results: list[dict], output_dir: Path, load: str) -> str:
+    reference = next((r for r in results if r["arm"] == "off"), results[0])
+    target = reference["curve"][-1]["accuracy"] - 0.01 if reference["curve"] else None
+    lines = [
+        f"machine load before the run: {load}",
+        f"target: the '{reference['arm']}' arm's final held-out curve accuracy minus 1 point = "
+        f"{100 * target:.1f}" if target is not None else "no held-out curve",
+        "",
+        "| arm | steps | reward calls | rows skipped | groups dropped | wall s | held-out acc (95% CI) | "
+        "selector/oracle | calls to target | vs off total |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        reach = calls_to_reach(r["curve"], target) if target is not None else None
+        r["calls_to_target"] = reach
+        ratio = f"{reach / reference['reward_calls']:.2f}" if reach is not None and reference["reward_calls"] else "-"
+        lines.append(
+            f"| {r['arm']} | {r['steps']} | {r['reward_calls']} | {r['rows_skipped']} | {r['groups_dropped']} | "
+            f"{r['wall_time_s']:.0f} | {100 * r['accuracy']:.1f} [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}] | "
+            f"{r['accuracy'] / max(r['oracle'], 1e-12):.3f} | {reach if reach is not None else 'not reached'} | {ratio} |"
+        )
+    text = "\n".join(lines)
+    (output_dir / "zero_contrast.md").write_text(text + "\n")
+    return text
+
+
+def plot(results: list[dict], path: Path, target: float | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7.5, 4.5), dpi=150)
+    for r in results:
+        curve = r["curve"]
+        axis.plot([p["calls"] for p in curve], [100 * p["accuracy"] for p in curve], marker="o", markersize=3,
+                  label=f"{r['arm']} ({r['reward_calls']} calls, {100 * r['accuracy']:.1f}% final)")
+    if target is not None:
+        axis.axhline(100 * target, color="grey", linestyle=":", linewidth=1, label="target: off's final - 1 point")
+    axis.set_xlabel("reward calls sent to the scoring backend (cumulative, after the cache)")
+    axis.set_ylabel("held-out accuracy (%), greedy, own stop")
+    axis.set_title("Demo world: held-out accuracy vs reward calls, per zero-contrast arm")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--recipe", default=str(RECIPE))
+    parser.add_argument("--output_dir", default="outputs/zero_contrast")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max_steps", type=int, default=None, help="override the recipe's step count")
+    parser.add_argument("--eval_every", type=int, default=50, help="steps between held-out curve points")
+    parser.add_argument("--curve_queries", type=int, default=200, help="held-out queries of each curve point")
+    parser.add_argument("--stop_on_plateau", action="store_true",
+                        help="keep the recipe's plateau stopping (default: every arm trains for the same steps)")
+    args = parser.parse_args(argv)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    load = os.getloadavg()
+    load_text = f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1/5/15 min) on {os.cpu_count()} cores"
+    results = [run_arm(name, ARMS[name], args) for name in args.arms]
+    text = report(results, output_dir, load_text)
+    reference = next((r for r in results if r["arm"] == "off"), results[0])
+    target = reference["curve"][-1]["accuracy"] - 0.01 if reference["curve"] else None
+    plot(results, output_dir / "calls_vs_accuracy.png", target)
+    for r in results:
+        r.pop("per_query")
+    (output_dir / "zero_contrast.json").write_text(json.dumps({"load": load_text, "results": results}, indent=2))
+    print(text)
+    print(f"wrote {output_dir / 'zero_contrast.json'}, {output_dir / 'zero_contrast.md'}, "
+          f"{output_dir / 'calls_vs_accuracy.png'}")
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
