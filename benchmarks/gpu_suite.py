@@ -132,12 +132,12 @@ class SuiteSizes:
 SIZES = {
     "gpu": SuiteSizes(
         name="gpu", device="cuda", budget_s=470.0, threads=None,
-        part_limits_s={"environment": (10, 40), "reward_scoring": (190, 240), "selector_step": (50, 90),
+        part_limits_s={"environment": (10, 40), "reward_scoring": (180, 260), "selector_step": (50, 90),
                        "trainer_run": (60, 110), "trainer_zero2": (70, 110)},
         vl_size="3b", image_size=(448, 448), reward_dtypes=("bfloat16", "float32"),
         stream=dict(steps=4, queries_per_step=8, group_size=8, num_queries=16, train_items=96, pool_size=16,
                     min_shots=0, max_shots=4, sharpness=1.0, seed=0),
-        reward_batch_size=16, mode_seconds={"bfloat16": (20, 20, 20), "float32": (25, 15, 10)},
+        reward_batch_size=16, mode_seconds={"bfloat16": (20, 15, 15), "float32": (20, 10, 10)},
         selector_slots=(64, 256), selector_items=443_757, selector_feature_dim=1024, selector_queries=64,
         selector_config={}, group_size=8, warmup_steps=1, timed_steps=3,
         trainer_queries=16, trainer_queries_per_step=8, trainer_pool_items=160, trainer_slots=64,
@@ -524,7 +524,8 @@ def trainer_run_part(sizes: SuiteSizes, record: Record, zero_stage: int | None =
     pool_ids = list(range(sizes.trainer_queries, num_items))
     pools = {q: rng.choice(pool_ids, size=sizes.trainer_slots, replace=False).tolist() for q in queries}
     generator = torch.Generator().manual_seed(0)
-    features = torch.nn.functional.normalize(torch.randn(num_items, 64, generator=generator), dim=-1)
+    features = torch.nn.functional.normalize(
+        torch.randn(num_items, sizes.selector_feature_dim, generator=generator), dim=-1)
     model, tokenizer, dataset = build_selector(
         features, [(corpus.row_of(q), [corpus.row_of(c) for c in pools[q]]) for q in queries], sizes.trainer_slots,
         columns={"query_id": queries, "candidate_ids": [pools[q] for q in queries]}, min_shots=1, max_shots=4,
@@ -548,8 +549,12 @@ def trainer_run_part(sizes: SuiteSizes, record: Record, zero_stage: int | None =
         print(f"selector K={sizes.trainer_slots} over {num_items} items; scorer built in {build_s:.1f} s; "
               f"{sizes.trainer_queries_per_step} queries x G={sizes.group_size} per step"
               + (f"; DeepSpeed ZeRO-{zero_stage}" if zero_stage else ""))
-        result = train_timed(sizes, model, tokenizer, dataset, [reward],
-                             sizes.trainer_queries_per_step * sizes.group_size, **config)
+        try:
+            result = train_timed(sizes, model, tokenizer, dataset, [reward],
+                                 sizes.trainer_queries_per_step * sizes.group_size, **config)
+        finally:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()  # a live group can hang the interpreter's exit
     vision = backend.vision_cache
     record.update(result, reward_calls=dict(
         statuses=dict(reward.status_counts), cache_hits=reward.cache_hits, cache_misses=reward.cache_misses,
