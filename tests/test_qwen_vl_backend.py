@@ -210,3 +210,24 @@ def test_drop_in_under_in_context_reward(tiny, corpus, tmp_path):
     calls = backend.stats["prompts_prefilled"]
     reward(prompts=[""], completions=["10"], query_id=[1])
     assert reward.cache_hits == 1 and backend.stats["prompts_prefilled"] == calls
+
+
+def test_vocabulary_past_the_tokenizer_is_never_generated(corpus):
+    """The real 3B vocabulary over the small offline tokenizer: ids the tokenizer cannot decode get zero output rows
+    (logit 0, below the best real token), so greedy answers are text and a parity check on them can fail."""
+    from dataclasses import replace
+
+    from trl_icd.testing.qwen_vl import QWEN2_5_VL_SIZES, random_qwen2_5_vl
+    from trl_icd.testing.tokenizer import tiny_chat_tokenizer
+
+    known = len(tiny_chat_tokenizer())
+    model, processor = random_qwen2_5_vl(replace(QWEN2_5_VL_SIZES["tiny"], vocab_size=known + 2000))
+    weight = model.get_output_embeddings().weight
+    assert weight.shape[0] == known + 2000 and not weight[known:].any() and weight[:known].abs().min() > 0
+    prompts = [InContextPrompt(corpus[q], tuple(corpus[8 + q + j] for j in range(q % 3))) for q in range(6)]
+    backend = QwenVLBackend(model, processor, vision_cache_size=0, shared_prefill=False, bucketing=False)
+    inputs = backend._encode([backend._render(p) for p in prompts], prompts)
+    with torch.no_grad():
+        last = model(**inputs).logits[:, -1]
+    assert (last.argmax(-1) < known).all()
+    assert len(set(backend.answer(prompts))) >= 2

@@ -4,6 +4,9 @@ Three sizes (`QWEN2_5_VL_SIZES`): `tiny` for tests, `small` for CPU benchmarks, 
 for GPU speed runs. The default initialiser (std 0.02) gives an almost input-blind model — every greedy answer the
 same, an image change moving the answer log-prob by ~1e-3 nats — so a parity test on it proves nothing. These
 builders use a large `init_std` (0.5 tiny, 0.1 small): a changed image then moves the score by a large margin.
+`3b` keeps std 0.02 (the real model's initialiser); it has the real 151,936-token vocabulary over the small offline
+tokenizer, so the output rows the tokenizer cannot decode are zeroed: greedy answers are then text and still differ
+between inputs (six different 0-shot prompts gave six different answers).
 """
 
 from __future__ import annotations
@@ -171,6 +174,13 @@ def random_qwen2_5_vl(
             model = Qwen2_5_VLForConditionalGeneration._from_config(
                 copy.deepcopy(config), dtype=dtype, attn_implementation=attn_implementation
             )
+    unreachable = config.text_config.vocab_size - len(tokenizer)
+    if unreachable > 0:
+        # The real vocabulary size (3b) over the small offline tokenizer: ids past the tokenizer would decode to ""
+        # and make every greedy answer empty (a parity check on them could not fail). Zero output rows put those
+        # logits at 0, below the tokenizer's best token, while the full-width output matmul is kept.
+        with torch.no_grad():
+            model.get_output_embeddings().weight[len(tokenizer) :] = 0
     model.eval()
     model.generation_config.eos_token_id = config.text_config.eos_token_id
     model.generation_config.pad_token_id = config.text_config.pad_token_id
