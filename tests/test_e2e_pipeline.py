@@ -1,5 +1,5 @@
-"""The building blocks the end-to-end scripts share: argument checks, the selector's item-table check, fixed shot
-counts, and how RL-data sequences are drawn from a pool."""
+"""The building blocks the end-to-end scripts share: argument checks, which feature tables a selector accepts, fixed
+shot counts, and how RL-data sequences are drawn from a pool."""
 
 import numpy as np
 import pytest
@@ -8,7 +8,7 @@ from e2e_scripts import load_script
 
 from trl_icd.data import Corpus
 from trl_icd.data.features import FeatureTable
-from trl_icd.pipeline import DataArguments, DataBundle, RewardArguments, check_item_table, fixed_shots
+from trl_icd.pipeline import DataArguments, DataBundle, RewardArguments, fixed_shots
 
 
 def _bundle(n=6):
@@ -47,17 +47,19 @@ def test_similarity_sequences_are_ranked_windows_most_similar_last():
     assert all(len(set(p)) == 2 and set(p) <= set(pool) for p in picks)
 
 
-def test_item_table_must_match_the_corpus_features():
+def test_selector_reads_any_table_of_its_featuriser_and_refuses_another():
     from trl_icd.selector import ICDSelectorForCausalLM
 
     data = _bundle()
-    model = ICDSelectorForCausalLM.from_features(
-        torch.from_numpy(data.features.combined()), num_slots=4, max_shots=2, hidden_size=16, num_heads=2
-    )
-    check_item_table(model, data.features, "fresh")
-    shifted = FeatureTable(data.features.ids, data.features.image[::-1].copy(), data.features.text)
-    with pytest.raises(ValueError, match="other features"):
-        check_item_table(model, shifted, "fresh")
+    data.features.meta["featurizer"] = "fallback"
+    model = ICDSelectorForCausalLM.from_features(data.features, num_slots=4, max_shots=2, hidden_size=16, num_heads=2)
+    # new values from the same featuriser (other queries, another pool): accepted, and recorded as the table read
+    shifted = FeatureTable(data.features.ids, data.features.image[::-1].copy(), data.features.text, {"featurizer": "fallback"})
+    model.attach_features(shifted)
+    assert model.config.feature_table["hash"] == shifted.content_hash != data.features.content_hash
+    other = FeatureTable(data.features.ids, data.features.image, data.features.text, {"featurizer": "clip", "model": "x"})
+    with pytest.raises(ValueError, match=r"fallback \(image 2 \+ text 2.*clip:x \(image 2 \+ text 2"):
+        model.attach_features(other)
 
     with fixed_shots(model, 1):
         assert (model.config.min_shots, model.config.max_shots) == (1, 1)
