@@ -423,9 +423,10 @@ def report(args, root: str, table_bytes: int) -> None:
     runs = {}
     for layout, checkpoint in (("new", new_dir), ("old", old_dir)):
         for processes in (1, 2):
-            # private memory per process: the selector (~0.5 GB), plus the table for the old layout (DDP's
-            # broadcasts write it, so it becomes private in every process) and chunks of the start-up check
-            need = (0.5e9 if layout == "new" else 1.3 * table_bytes + 1e9) * processes
+            # private memory per process: the selector (~0.6 GB), plus twice the table for the old layout (DDP's
+            # broadcasts write the buffer, so it becomes private in every process, and its initial sync copies it
+            # into flat buckets; measured 8.5 GB for a 4 GB table)
+            need = (0.7e9 if layout == "new" else 2.2 * table_bytes + 1e9) * processes
             if need > mem_available():
                 log(f"skipped {layout} x{processes}: needs ~{fmt_bytes(need)}, {fmt_bytes(mem_available())} "
                     "available (try fewer --rows)")
