@@ -79,3 +79,23 @@ def test_evaluation_script_accepts_the_selector_flag_and_rejects_unknown_flags()
     assert args.selectors == ["ckpt_a", "ckpt_b"] and args.shots == [0, 1]
     with pytest.raises(SystemExit):
         parse_script_arguments(types, ["--selectorz", "ckpt"])
+
+
+def test_load_features_uses_an_exact_table_as_is_subsets_a_larger_one_and_names_missing_items(tmp_path, caplog):
+    import logging
+
+    from trl_icd.pipeline import load_features
+
+    data = _bundle()
+    data.features.save(tmp_path / "t")
+    args = DataArguments(features_path=str(tmp_path / "t"))
+    exact = load_features(args, data.corpus)
+    assert isinstance(exact.image, np.memmap)  # mapped, no copy
+    subset = data.corpus.filter(lambda item: item.id in (4, 1))
+    with caplog.at_level(logging.WARNING):
+        smaller = load_features(args, subset)
+    assert "in-memory copy of the 2 rows" in caplog.text
+    assert smaller.ids == [1, 4] and np.array_equal(smaller.image, data.features.image[[1, 4]])
+    larger = Corpus.from_records([{"id": i, "question": "q", "answers": ["a"] * 10, "split": "val"} for i in (3, 9)])
+    with pytest.raises(ValueError, match=r"no features for some of the 2 items.*export_features"):
+        load_features(args, larger)
