@@ -10,6 +10,13 @@ the best baseline at each shot count, the per-query results (JSON, with the prot
 The selectors' candidate pools come from the same `build_pools` as training (the recipe's pool settings): a
 per-query pool for every validation question, never one fixed pool for all. All val questions are used unless
 `--limit N` (then the first N in question-id order: a quick check, not a result to report).
+
+A selector reads whatever feature table the data options give, as long as it comes from the featuriser it was
+trained with (another featuriser is refused, naming both): evaluate it, unchanged, on another split or corpus by
+overriding the data options, e.g. a selector trained on OK-VQA on VQAv2 val:
+
+    python examples/evaluate_okvqa.py --config recipes/okvqa/plan5.yaml --selectors outputs/okvqa/plan5 \
+        --dataset vqav2 --dataset_path data/vqav2 --features_path data/vqav2/clip_features --results_dir eval/vqav2
 """
 
 from __future__ import annotations
@@ -89,6 +96,8 @@ def main(argv=None) -> dict:
         "dataset": data_args.dataset, "split": data_args.eval_split, "limit": args.limit,
         "pool_size": data_args.pool_size, "pool_method": data_args.pool_method, "scorer": reward.scorer_hash,
         "selectors": dict(zip(names, args.selectors, strict=True)),
+        "features": {"hash": data.features.content_hash, "rows": len(data.features),
+                     "featurizer": data.features.featurizer.describe()},
     })
     os.makedirs(args.results_dir, exist_ok=True)
     sections = [markdown_table(results)]

@@ -6,9 +6,12 @@
         --device cuda --dtype float16 --batch_size 256
     python examples/export_features.py --source ReplugLens/OK-VQA --output_dir features/okvqa_hub
 
-The table (`<output_dir>/image.npy`, `text.npy`, `features.json`) holds one row per corpus item in corpus order, for
-the splits asked; training and evaluation load it with `FeatureTable.load(output_dir)` (memory-mapped) and must use
-the same corpus (same source and splits). An existing table is never overwritten unless `--overwrite`.
+The table (`<output_dir>/image.npy`, `text.npy`, `features.json` with ids, metadata and a content hash) holds one row
+per corpus item in corpus order, for the splits asked; training and evaluation load it with
+`FeatureTable.load(output_dir)` (memory-mapped read-only, one copy in the page cache for every process) for the same
+corpus (same source and splits). It is never part of a selector checkpoint: a trained selector reads any table
+exported with the same featuriser (model and dims), so export the splits or corpus you want to evaluate on the same
+way. An existing table is never overwritten unless `--overwrite`.
 """
 
 from __future__ import annotations

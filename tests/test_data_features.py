@@ -141,6 +141,67 @@ def test_save_load_round_trip_is_memory_mapped(shapes_corpus, tmp_path):
     assert not isinstance(in_memory.image, np.memmap)
 
 
+def test_content_hash_is_stored_checked_and_names_the_content(shapes_corpus, tmp_path):
+    import hashlib
+
+    from trl_icd.data.features import find_item_table
+
+    table = fallback_features(shapes_corpus, image_dim=24, text_dim=8, show_progress=False)
+    # an independent statement of the hash: blake2b-128 over a canonical header, then the float32 bytes
+    digest = hashlib.blake2b(digest_size=16)
+    header = {"kind": "feature-table", "ids": list(range(12)), "image_dim": 24, "text_dim": 8}
+    digest.update(json.dumps(header, sort_keys=True).encode())
+    digest.update(table.image.astype("<f4").tobytes())
+    digest.update(table.text.astype("<f4").tobytes())
+    assert table.content_hash == digest.hexdigest()
+    table.save(tmp_path / "t")
+    assert json.loads((tmp_path / "t" / "features.json").read_text())["content_hash"] == table.content_hash
+    loaded = FeatureTable.load(tmp_path / "t")
+    assert loaded.content_hash == table.content_hash and loaded.source == str(tmp_path / "t")
+    assert find_item_table(table.content_hash) is loaded.item_table()  # loading registered it
+    loaded.verify()
+    moved = FeatureTable(table.ids, table.image[::-1].copy(), table.text, table.meta)  # other values, same ids
+    assert moved.content_hash != table.content_hash
+    renamed = FeatureTable([i + 100 for i in table.ids], table.image, table.text, table.meta)  # same values
+    assert renamed.content_hash != table.content_hash
+    # an array edited on disk after saving is caught by `verify`
+    image = np.load(tmp_path / "t" / "image.npy", mmap_mode="r+")
+    image[0, 0] += 1.0
+    image.flush()
+    with pytest.raises(ValueError, match="content hash"):
+        FeatureTable.load(tmp_path / "t").verify()
+
+
+def test_allocated_table_is_filled_in_place_and_saved_without_copying(tmp_path):
+    rng = np.random.default_rng(0)
+    image, text = rng.standard_normal((50, 6)).astype(np.float32), rng.standard_normal((50, 4)).astype(np.float32)
+    table = FeatureTable.allocate(tmp_path / "t", [f"q{i}" for i in range(50)], 6, 4, {"featurizer": "x"})
+    assert not FeatureTable.is_table_dir(tmp_path / "t")  # no header until saved
+    for start in range(0, 50, 16):
+        table.image[start : start + 16] = image[start : start + 16]
+        table.text[start : start + 16] = text[start : start + 16]
+    inode = (tmp_path / "t" / "image.npy").stat().st_ino
+    table.save(tmp_path / "t")
+    assert (tmp_path / "t" / "image.npy").stat().st_ino == inode  # the array file was not rewritten
+    loaded = FeatureTable.load(tmp_path / "t")
+    assert np.array_equal(loaded.image, image) and np.array_equal(loaded.text, text)
+    assert loaded.content_hash == FeatureTable(loaded.ids, image, text).content_hash
+
+
+def test_combined_rows_and_featuriser_spec(shapes_corpus):
+    table = fallback_features(shapes_corpus, image_dim=24, text_dim=8, show_progress=False)
+    rows = np.array([[3, 0, 3], [11, 5, 7]])
+    assert np.array_equal(table.combined_rows(rows), table.combined()[rows])  # bit for bit
+    spec = table.featurizer
+    assert (spec.name, spec.dim, spec.image_dim, spec.text_dim) == ("fallback", 32, 24, 8)
+    assert "fallback (image 24 + text 8" in spec.describe()
+    clip = FeatureTable(table.ids, table.image, table.text, {"featurizer": "clip", "model": "openai/clip-vit-l"})
+    local = FeatureTable(table.ids, table.image, table.text, {"featurizer": "clip", "model": "/models/clip-vit-l/"})
+    assert clip.featurizer == local.featurizer and clip.featurizer.name == "clip:clip-vit-l"
+    assert "name 'fallback' vs 'clip:clip-vit-l'" == spec.mismatch(clip.featurizer)
+    assert spec.mismatch(table.featurizer) is None
+
+
 def test_load_and_save_errors(shapes_corpus, tmp_path):
     with pytest.raises(FileNotFoundError, match="no feature table"):
         FeatureTable.load(tmp_path)

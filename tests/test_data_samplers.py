@@ -221,3 +221,29 @@ def test_bad_arguments(world):
     shuffled = FeatureTable(list(reversed(table.ids)), table.image[::-1], table.text[::-1])
     with pytest.raises(ValueError, match="aligned_to"):
         sample_candidate_pools(corpus, shuffled, ids[:1], ids, k=3, method="image_sim")
+
+
+def test_queries_from_another_corpus_get_the_pools_the_same_items_get_inside_it(world):
+    """New items (their own corpus and features) are sampled against the pool exactly as the same items inside the
+    pool's corpus: same rankings, same-image exclusion across the corpora."""
+    corpus, table = world
+    query_ids = corpus.ids_in_split("val")[:6] + corpus.ids_in_split("train")[:3]
+    pool_ids = corpus.ids_in_split("train")
+    copies = Corpus.from_records([
+        {"id": f"new-{q}", "question": corpus[q].question, "answers": [], "image_id": corpus[q].image_id}
+        for q in query_ids
+    ])
+    rows = table.rows_of(query_ids)
+    copy_features = FeatureTable(copies.ids, table.image[rows], table.text[rows])
+    for method in ("image_sim", "text_sim"):
+        inside = sample_candidate_pools(corpus, table, query_ids, pool_ids, 5, method=method, show_progress=False)
+        outside = sample_candidate_pools(corpus, table, copies.ids, pool_ids, 5, method=method, show_progress=False,
+                                         query_corpus=copies, query_features=copy_features)
+        assert [outside[f"new-{q}"] for q in query_ids] == [inside[q] for q in query_ids]
+    named = FeatureTable(table.ids, table.image, table.text, {"featurizer": "fallback"})
+    other = FeatureTable(copies.ids, table.image[rows], table.text[rows], {"featurizer": "clip"})
+    with pytest.raises(ValueError, match=r"query features come from clip \(.*the pool's from fallback"):
+        sample_candidate_pools(corpus, named, copies.ids, pool_ids, 5, method="image_sim", show_progress=False,
+                               query_corpus=copies, query_features=other)
+    with pytest.raises(ValueError, match="needs query_corpus"):
+        sample_candidate_pools(corpus, table, query_ids, pool_ids, 5, query_features=copy_features)

@@ -139,3 +139,33 @@ def test_every_recipe_parses(recipe):
     if recipe.parent.name == "okvqa":
         assert data_args.dataset == "okvqa" and reward_args.reward_backend == "qwen_vl"
         assert training_args.bf16 is False
+
+
+def test_a_selector_trained_on_one_split_is_evaluated_on_another_split_and_corpus(okvqa):
+    """Trained on the train split alone (its table holds only train items), then evaluated, as saved, on the val split
+    and on a VQAv2-format corpus: other tables from the same featuriser. Another featuriser is refused."""
+    from trl_icd.testing.okvqa import write_okvqa_fixture
+
+    root, recipe = okvqa
+    out = root / "train_only"
+    load_script("train_okvqa").main(
+        ["--config", str(recipe), "--output_dir", str(out), "--max_steps", "1", "--max_train_queries", "4",
+         "--eval_split", "train", "--save_strategy", "no"]
+    )
+    trained_on = json.loads((out / "config.json").read_text())["feature_table"]
+    assert trained_on["rows"] == 16  # the train split only
+
+    evaluate = load_script("evaluate_okvqa").main
+    common = ["--config", str(recipe), "--selectors", str(out), "--selector_names", "trained", "--shots", "0", "1"]
+    on_val = evaluate([*common, "--results_dir", str(root / "eval_val")])
+    assert on_val["summary"]["trained"]["1"]["n"] == 6
+
+    write_okvqa_fixture(root / "vqav2", n_train=10, n_val=5, seed=1, dataset="vqav2")
+    on_vqav2 = evaluate([*common, "--dataset", "vqav2", "--dataset_path", str(root / "vqav2"),
+                         "--results_dir", str(root / "eval_vqav2")])
+    assert on_vqav2["summary"]["trained"]["1"]["n"] == 5
+    saved = json.loads((root / "eval_vqav2" / "results.json").read_text())
+    assert saved["meta"]["features"]["rows"] == 15 and saved["meta"]["features"]["hash"] != trained_on["hash"]
+
+    with pytest.raises(ValueError, match=r"fallback \(image 248 \+ text 256.*fallback \(image 248 \+ text 128"):
+        evaluate([*common, "--fallback_text_dim", "128", "--results_dir", str(root / "eval_other")])

@@ -1,5 +1,5 @@
-"""The building blocks the end-to-end scripts share: argument checks, the selector's item-table check, fixed shot
-counts, and how RL-data sequences are drawn from a pool."""
+"""The building blocks the end-to-end scripts share: argument checks, which feature tables a selector accepts, fixed
+shot counts, and how RL-data sequences are drawn from a pool."""
 
 import numpy as np
 import pytest
@@ -8,7 +8,7 @@ from e2e_scripts import load_script
 
 from trl_icd.data import Corpus
 from trl_icd.data.features import FeatureTable
-from trl_icd.pipeline import DataArguments, DataBundle, RewardArguments, check_item_table, fixed_shots
+from trl_icd.pipeline import DataArguments, DataBundle, RewardArguments, fixed_shots
 
 
 def _bundle(n=6):
@@ -50,17 +50,19 @@ def test_similarity_sequences_are_ranked_windows_most_similar_last():
     assert all(len(set(p)) == 2 and set(p) <= set(pool) for p in picks)
 
 
-def test_item_table_must_match_the_corpus_features():
+def test_selector_reads_any_table_of_its_featuriser_and_refuses_another():
     from trl_icd.selector import ICDSelectorForCausalLM
 
     data = _bundle()
-    model = ICDSelectorForCausalLM.from_features(
-        torch.from_numpy(data.features.combined()), num_slots=4, max_shots=2, hidden_size=16, num_heads=2
-    )
-    check_item_table(model, data.features, "fresh")
-    shifted = FeatureTable(data.features.ids, data.features.image[::-1].copy(), data.features.text)
-    with pytest.raises(ValueError, match="other features"):
-        check_item_table(model, shifted, "fresh")
+    data.features.meta["featurizer"] = "fallback"
+    model = ICDSelectorForCausalLM.from_features(data.features, num_slots=4, max_shots=2, hidden_size=16, num_heads=2)
+    # new values from the same featuriser (other queries, another pool): accepted, and recorded as the table read
+    shifted = FeatureTable(data.features.ids, data.features.image[::-1].copy(), data.features.text, {"featurizer": "fallback"})
+    model.attach_features(shifted)
+    assert model.config.feature_table["hash"] == shifted.content_hash != data.features.content_hash
+    other = FeatureTable(data.features.ids, data.features.image, data.features.text, {"featurizer": "clip", "model": "x"})
+    with pytest.raises(ValueError, match=r"fallback \(image 2 \+ text 2.*clip:x \(image 2 \+ text 2"):
+        model.attach_features(other)
 
     with fixed_shots(model, 1):
         assert (model.config.min_shots, model.config.max_shots) == (1, 1)
@@ -80,3 +82,23 @@ def test_evaluation_script_accepts_the_selector_flag_and_rejects_unknown_flags()
     assert args.selectors == ["ckpt_a", "ckpt_b"] and args.shots == [0, 1]
     with pytest.raises(SystemExit):
         parse_script_arguments(types, ["--selectorz", "ckpt"])
+
+
+def test_load_features_uses_an_exact_table_as_is_subsets_a_larger_one_and_names_missing_items(tmp_path, caplog):
+    import logging
+
+    from trl_icd.pipeline import load_features
+
+    data = _bundle()
+    data.features.save(tmp_path / "t")
+    args = DataArguments(features_path=str(tmp_path / "t"))
+    exact = load_features(args, data.corpus)
+    assert isinstance(exact.image, np.memmap)  # mapped, no copy
+    subset = data.corpus.filter(lambda item: item.id in (4, 1))
+    with caplog.at_level(logging.WARNING):
+        smaller = load_features(args, subset)
+    assert "in-memory copy of the 2 rows" in caplog.text
+    assert smaller.ids == [1, 4] and np.array_equal(smaller.image, data.features.image[[1, 4]])
+    larger = Corpus.from_records([{"id": i, "question": "q", "answers": ["a"] * 10, "split": "val"} for i in (3, 9)])
+    with pytest.raises(ValueError, match=r"no features for some of the 2 items.*export_features"):
+        load_features(args, larger)

@@ -277,7 +277,6 @@ def test_loading_a_checkpoint_with_a_missing_or_unexpected_weight_fails(tmp_path
     weights = load_file(tmp_path / "model.safetensors")
     for name, broken in [
         ("missing", {k: v for k, v in weights.items() if k != "model.pointer.query.weight"}),
-        ("missing table", {k: v for k, v in weights.items() if k != "model.items.features"}),
         ("unexpected", {**weights, "model.extra.weight": torch.zeros(2)}),
     ]:
         save_file(broken, tmp_path / "model.safetensors", metadata={"format": "pt"})

@@ -250,18 +250,28 @@ def load_corpus(args: DataArguments):
 
 
 def load_features(args: DataArguments, corpus):
-    """The exported feature table (checked against the corpus) or the fallback featuriser's."""
+    """The exported feature table for this corpus (memory-mapped) or the fallback featuriser's.
+
+    A table exported for exactly these items in corpus order is used as it is (read-only memory maps, shared by
+    every process). One that holds these items among others, or in another order, is subset to the corpus (an
+    in-memory copy of those rows; export for exactly the splits you load to avoid it)."""
     from .data.features import FeatureTable, fallback_features
 
-    if args.features_path:
-        table = FeatureTable.load(args.features_path)
-        if list(table.ids) != list(corpus.ids):
-            raise ValueError(
-                f"{args.features_path} holds features for {len(table)} items that are not this corpus's "
-                f"{len(corpus)} items in corpus order; re-export them for this corpus"
-            )
+    if not args.features_path:
+        return fallback_features(corpus, text_dim=args.fallback_text_dim)
+    table = FeatureTable.load(args.features_path)
+    if list(table.ids) == list(corpus.ids):
         return table
-    return fallback_features(corpus, text_dim=args.fallback_text_dim)
+    try:
+        aligned = table.aligned_to(corpus)
+    except KeyError as err:
+        raise ValueError(
+            f"{args.features_path} has no features for some of the {len(corpus)} items of {args.dataset} splits "
+            f"{corpus.splits} ({err.args[0]}); export features for these splits with examples/export_features.py"
+        ) from None
+    logger.warning("%s holds %d rows, not exactly this corpus's %d items in order: using an in-memory copy of the "
+                   "%d rows needed", args.features_path, len(table), len(corpus), len(corpus))
+    return aligned
 
 
 def load_data(args: DataArguments) -> DataBundle:
@@ -350,44 +360,30 @@ def build_reward(data: DataBundle, args: RewardArguments, tokenizer=None, max_sh
 
 
 def load_or_build_selector(path: str | None, data: DataBundle, data_args: DataArguments, args: SelectorArguments):
-    """(model, tokenizer): loaded (strictly) from `path`, or fresh over `data.features` with K = `pool_size`."""
-    import json
+    """(model, tokenizer): loaded (strictly) from `path`, or fresh, reading `data.features` either way.
 
-    import torch
+    A selector reads any table from the featuriser it was trained with (ValueError naming both featurisers
+    otherwise), so a trained selector is evaluated on other splits and corpora as they are. The table stays outside
+    the model: every process maps the same file, and TRL's reference model (loaded from a path) finds it in the
+    process by the hash the saved config records."""
+    import json
 
     from .selector import ICDSelectorForCausalLM, build_selector_tokenizer
 
     if path:
         from transformers import AutoTokenizer
 
-        model = ICDSelectorForCausalLM.from_pretrained(path)
+        model = ICDSelectorForCausalLM.from_pretrained(path, features=data.features)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        check_item_table(model, data.features, path)
         if model.config.num_slots < data_args.pool_size:
             raise ValueError(f"selector {path} has {model.config.num_slots} slots < pool_size={data_args.pool_size}")
         return model, tokenizer
     overrides = json.loads(args.selector_overrides) if args.selector_overrides else {}
-    features = torch.from_numpy(data.features.combined())
     model = ICDSelectorForCausalLM.from_features(
-        features, num_slots=data_args.pool_size, min_shots=args.selector_min_shots,
+        data.features, num_slots=data_args.pool_size, min_shots=args.selector_min_shots,
         max_shots=args.selector_max_shots, **overrides,
     )
     return model, build_selector_tokenizer(model.config)
-
-
-def check_item_table(model, features, source: str) -> None:
-    """A selector names items by feature-table row: its frozen table must be this corpus's features, or every
-    choice would point at a different item than the one it learned (e.g. after the corpus or featuriser changed)."""
-    import numpy as np
-
-    table = model.get_input_embeddings().features
-    expected = features.combined()
-    if tuple(table.shape) != expected.shape:
-        raise ValueError(f"selector {source} has an item table of shape {tuple(table.shape)}, the corpus's features "
-                         f"are {expected.shape}")
-    if not np.allclose(table.detach().cpu().float().numpy(), expected, atol=1e-5):
-        raise ValueError(f"selector {source} was trained on other features than this corpus's (same shape, different "
-                         "values): the corpus, its order or the featuriser changed")
 
 
 def save_policy(model, tokenizer, path: str) -> None:

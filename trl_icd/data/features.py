@@ -7,8 +7,14 @@ table is `FeatureTable.combined()`. Two featurisers produce it:
 - `fallback_features`: no weights at all (tests, the demo world, machines without a CLIP checkpoint): a colour /
   layout / edge-orientation descriptor of the image and signed hashed word + bigram counts of the question.
 
-A table is written once (`save`) as a directory of two `.npy` arrays plus a small JSON file of ids and metadata, and
-memory-mapped on `load`, so a 443k-item VQAv2 table costs no RAM until rows are touched.
+A table is written once (`save`) as a directory of two `.npy` arrays plus a small JSON file of ids, metadata and a
+content hash, and memory-mapped read-only on `load`, so a 658k-item VQAv2 table (train + val, 1,536 dims: 4 GB) costs
+no RAM until rows are touched and every process on a machine shares one copy in the page cache.
+
+The selector reads rows through an `ItemTable` (a table's combined rows, or a plain matrix): it is never a module
+buffer or parameter (DDP would broadcast it every step, ZeRO-3 does not shard buffers, checkpoints would store it).
+A selector records the table's `FeaturizerSpec` and content hash; a selector loaded in a process that has mapped a
+table with that hash finds it there (`find_item_table`), which is how TRL's reference model gets its rows.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import json
 import logging
 import os
 import re
+import weakref
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +39,10 @@ from .corpus import Corpus, CorpusItem, ImageLoadError
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+# How a table's rows become the selector's item vectors (recorded by selectors, so a change is caught on load).
+COMBINED_NORMALIZATION = "concat(l2(image), l2(text)) / sqrt(2)"
+_COMBINED_SCALE = np.float32(1.0 / np.sqrt(2.0))
+_HASH_CHUNK_BYTES = 64 << 20
 _IMAGE_FILE = "image.npy"
 _TEXT_FILE = "text.npy"
 _META_FILE = "features.json"
@@ -45,19 +56,85 @@ def l2_normalize(matrix: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return (matrix / np.maximum(norms, eps)).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class FeaturizerSpec:
+    """What produced a table's vectors, as a selector records it. Vectors of two tables with the same spec are
+    comparable (a selector trained on one reads the other: new queries, new pools); with different specs they are
+    not. `name` None means "not recorded" (a plain matrix, a checkpoint from before specs were recorded): then only
+    the width is compared."""
+
+    name: str | None
+    dim: int
+    image_dim: int | None = None
+    text_dim: int | None = None
+    normalization: str | None = None
+
+    def describe(self) -> str:
+        parts = f"image {self.image_dim} + text {self.text_dim}" if self.image_dim is not None else f"{self.dim} dims"
+        norm = f", {self.normalization}" if self.normalization else ""
+        return f"{self.name or 'unrecorded featuriser'} ({parts}{norm})"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dim": self.dim, "image_dim": self.image_dim, "text_dim": self.text_dim,
+                "normalization": self.normalization}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FeaturizerSpec:
+        return cls(data.get("name"), int(data["dim"]), data.get("image_dim"), data.get("text_dim"),
+                   data.get("normalization"))
+
+    def mismatch(self, other: FeaturizerSpec) -> str | None:
+        """Why vectors of `other` cannot stand in for this spec's, or None when they can."""
+        if self.dim != other.dim:
+            return f"{self.dim}-dim vectors vs {other.dim}-dim"
+        if self.name is None or other.name is None:
+            return None
+        for key in ("name", "image_dim", "text_dim", "normalization"):
+            if getattr(self, key) != getattr(other, key):
+                return f"{key} {getattr(self, key)!r} vs {getattr(other, key)!r}"
+        return None
+
+
+def _hash_id(item_id: Any) -> int | str:
+    if isinstance(item_id, (int, np.integer)) and not isinstance(item_id, (bool, np.bool_)):
+        return int(item_id)
+    return item_id if isinstance(item_id, str) else repr(item_id)
+
+
+def _content_hash(kind: str, header: Mapping[str, Any], arrays: Sequence[np.ndarray], what: str) -> str:
+    """blake2b-128 of a canonical header and the arrays' little-endian float32 bytes, read in chunks (a progress bar
+    for tables of more than a few hundred MB)."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(json.dumps({"kind": kind, **header}, sort_keys=True).encode("utf-8"))
+    total = sum(int(a.shape[0]) for a in arrays)
+    big = sum(a.size for a in arrays) * 4 > 256 << 20
+    with tqdm(total=total, desc=f"hashing {what}", unit="rows", disable=not big) as progress:
+        for array in arrays:
+            step = max(1, _HASH_CHUNK_BYTES // max(1, 4 * int(np.prod(array.shape[1:], dtype=np.int64))))
+            for start in range(0, array.shape[0], step):
+                digest.update(np.ascontiguousarray(array[start : start + step], dtype="<f4").data)
+                progress.update(min(step, array.shape[0] - start))
+    return digest.hexdigest()
+
+
 @dataclass
 class FeatureTable:
     """Image and text features of a corpus, one row per item in corpus order (row i = `corpus.item_at(i)`).
 
     Each row of `image` and `text` has unit L2 norm, except image rows of items whose image could not be read
     (`meta["missing_image_ids"]`), which are zero: they have similarity 0 to everything, so image-similarity
-    retrieval neither prefers nor crashes on them.
+    retrieval neither prefers nor crashes on them. A table is identified by `content_hash` (ids and values) and
+    produced by `featurizer` (a `FeaturizerSpec`). Treat the arrays as read-only once the hash has been read.
     """
 
     ids: list
     image: np.ndarray
     text: np.ndarray
     meta: dict = field(default_factory=dict)
+    _content_hash: str | None = field(default=None, init=False, repr=False, compare=False)
+    _item_table: ItemTable | None = field(default=None, init=False, repr=False, compare=False)
+    _allocated_in: Path | None = field(default=None, init=False, repr=False, compare=False)
+    source: str = field(default="in memory", init=False, repr=False, compare=False)
 
     def __post_init__(self):
         self.ids = list(self.ids)
@@ -82,6 +159,10 @@ class FeatureTable:
     def text_dim(self) -> int:
         return int(self.text.shape[1])
 
+    @property
+    def combined_dim(self) -> int:
+        return self.image_dim + self.text_dim
+
     def row_of(self, item_id: Hashable) -> int:
         try:
             return self._rows[item_id]
@@ -93,12 +174,57 @@ class FeatureTable:
 
     def combined(self) -> np.ndarray:
         """`[N, image_dim + text_dim]` float32: concat(image, text) / sqrt(2), unit norm per row (the selector's
-        item table). A new array each call; keep it if you need it twice."""
-        out = np.empty((len(self), self.image_dim + self.text_dim), dtype=np.float32)
-        scale = np.float32(1.0 / np.sqrt(2.0))
-        np.multiply(self.image, scale, out=out[:, : self.image_dim])
-        np.multiply(self.text, scale, out=out[:, self.image_dim :])
+        item vectors). A new array of the whole table each call (4 GB for VQAv2): to read some rows use
+        `combined_rows`."""
+        out = np.empty((len(self), self.combined_dim), dtype=np.float32)
+        np.multiply(self.image, _COMBINED_SCALE, out=out[:, : self.image_dim])
+        np.multiply(self.text, _COMBINED_SCALE, out=out[:, self.image_dim :])
         return out
+
+    def combined_rows(self, rows) -> np.ndarray:
+        """`combined()[rows]` (any shape of int rows -> that shape + `[combined_dim]`), reading only those rows."""
+        rows = np.asarray(rows, dtype=np.int64)
+        flat = rows.reshape(-1)
+        out = np.empty((flat.size, self.combined_dim), dtype=np.float32)
+        out[:, : self.image_dim] = self.image[flat]
+        out[:, self.image_dim :] = self.text[flat]
+        out *= _COMBINED_SCALE
+        return out.reshape(*rows.shape, self.combined_dim)
+
+    @property
+    def featurizer(self) -> FeaturizerSpec:
+        """The featuriser that produced this table (from `meta`: its name and model, the dims, the combination)."""
+        name = self.meta.get("featurizer")
+        if name and self.meta.get("model"):  # the model's last path part: a Hub id and a local copy name it alike
+            name = f"{name}:{Path(str(self.meta['model']).rstrip('/')).name}"
+        return FeaturizerSpec(name or None, self.combined_dim, self.image_dim, self.text_dim, COMBINED_NORMALIZATION)
+
+    @property
+    def content_hash(self) -> str:
+        """Hash of the ids and values (read from the header of a saved table; computed once otherwise)."""
+        if self._content_hash is None:
+            self._content_hash = self._compute_hash()
+        return self._content_hash
+
+    def _compute_hash(self) -> str:
+        header = {"ids": [_hash_id(i) for i in self.ids], "image_dim": self.image_dim, "text_dim": self.text_dim}
+        return _content_hash("feature-table", header, (self.image, self.text), f"feature table ({len(self)} rows)")
+
+    def verify(self) -> None:
+        """Recompute the content hash and raise if it differs from the recorded one (a table edited on disk)."""
+        recorded, actual = self.content_hash, self._compute_hash()
+        if recorded != actual:
+            raise ValueError(f"feature table at {self.source}: content hash {actual} differs from the recorded "
+                             f"{recorded}; the arrays changed after it was saved: re-export it")
+
+    def item_table(self) -> ItemTable:
+        """The selector's view of this table (its combined rows), registered so selectors in this process that
+        recorded this table's hash find it."""
+        if self._item_table is None:
+            self._item_table = ItemTable(
+                self.combined_rows, len(self), self.combined_dim, self.content_hash, self.featurizer, self.source
+            )
+        return register_item_table(self._item_table)
 
     def check_aligned(self, corpus: Corpus) -> None:
         """Raise unless row i of this table is item i of `corpus` (the invariant every consumer relies on)."""
@@ -112,7 +238,8 @@ class FeatureTable:
                 )
 
     def aligned_to(self, corpus: Corpus) -> FeatureTable:
-        """This table's rows reordered (and subset) to `corpus` order; every corpus id must be present."""
+        """This table's rows reordered (and subset) to `corpus` order; every corpus id must be present. Returns
+        `self` when already aligned, else an in-memory copy of the selected rows."""
         missing = [item.id for item in corpus if item.id not in self._rows]
         if missing:
             raise KeyError(f"{len(missing)} corpus ids have no features, e.g. {missing[:5]}")
@@ -125,20 +252,43 @@ class FeatureTable:
             meta["missing_image_ids"] = [i for i in meta["missing_image_ids"] if i in kept]
         return FeatureTable(corpus.ids, np.asarray(self.image[rows]), np.asarray(self.text[rows]), meta)
 
+    @classmethod
+    def allocate(
+        cls, path: str | os.PathLike, ids: Sequence, image_dim: int, text_dim: int, meta: Mapping | None = None
+    ) -> FeatureTable:
+        """A table of zeros whose arrays are writable memory maps in `path/`, for tables larger than memory: fill
+        rows in place (`table.image[a:b] = ...`, unit-norm rows), then `table.save(path)` writes the header (ids,
+        metadata, content hash) without copying the arrays."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / _META_FILE).unlink(missing_ok=True)
+        n = len(ids)
+        image = np.lib.format.open_memmap(path / _IMAGE_FILE, mode="w+", dtype=np.float32, shape=(n, image_dim))
+        text = np.lib.format.open_memmap(path / _TEXT_FILE, mode="w+", dtype=np.float32, shape=(n, text_dim))
+        table = cls(list(ids), image, text, dict(meta or {}))
+        table._allocated_in = path.resolve()
+        return table
+
     def save(self, path: str | os.PathLike) -> Path:
-        """Write `path/` = image.npy, text.npy (float32) and features.json (ids, dims, metadata)."""
+        """Write `path/` = image.npy, text.npy (float32) and features.json (ids, dims, metadata, content hash)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         ids = [_json_id(i) for i in self.ids]
         meta = _json_meta(self.meta)
         (path / _META_FILE).unlink(missing_ok=True)  # while arrays are rewritten, the folder is not a valid table
-        np.save(path / _IMAGE_FILE, np.ascontiguousarray(self.image, dtype=np.float32))
-        np.save(path / _TEXT_FILE, np.ascontiguousarray(self.text, dtype=np.float32))
+        if self._allocated_in == path.resolve():  # filled in place by `allocate`: the arrays are these files
+            self.image.flush()
+            self.text.flush()
+            self._content_hash = None  # rows were written after allocation
+        else:
+            np.save(path / _IMAGE_FILE, np.ascontiguousarray(self.image, dtype=np.float32))
+            np.save(path / _TEXT_FILE, np.ascontiguousarray(self.text, dtype=np.float32))
         header = {
             "format_version": FORMAT_VERSION,
             "num_items": len(self),
             "image_dim": self.image_dim,
             "text_dim": self.text_dim,
+            "content_hash": self.content_hash,
             "meta": meta,
             "ids": ids,
         }
@@ -155,7 +305,8 @@ class FeatureTable:
 
     @classmethod
     def load(cls, path: str | os.PathLike, mmap: bool = True) -> FeatureTable:
-        """Read a table written by `save`; arrays are read-only memory maps unless `mmap=False`."""
+        """Read a table written by `save`; arrays are read-only memory maps unless `mmap=False`. The table is
+        registered (by its content hash) for selectors loaded later in this process."""
         path = Path(path)
         header_path = path / _META_FILE
         if not header_path.is_file():
@@ -174,7 +325,122 @@ class FeatureTable:
         for name, array in (("image", image), ("text", text)):
             if tuple(array.shape) != tuple(expected[name]) or array.dtype != np.float32:
                 raise ValueError(f"{path}/{name}.npy: {array.shape} {array.dtype}, expected {expected[name]} float32")
-        return cls(header["ids"], image, text, header.get("meta", {}))
+        table = cls(header["ids"], image, text, header.get("meta", {}))
+        table.source = str(path)
+        table._content_hash = header.get("content_hash")
+        if table._content_hash is None:
+            logger.info("%s was saved without a content hash; it is computed when a selector needs it (re-save the "
+                        "table to store it)", path)
+        else:
+            table.item_table()  # register: a selector loaded later in this process finds it by its hash
+        return table
+
+
+class ItemTable:
+    """What a selector reads: row -> float32 vector, read-only, identified by a content hash.
+
+    Either a `FeatureTable`'s combined rows (`FeatureTable.item_table()`, gathered from the memory maps on demand)
+    or a plain `[N, D]` matrix (`ItemTable.from_matrix`). Deep copies share it (a model copy must not duplicate a
+    4 GB table). Indexing (`table[rows]`) returns a CPU float32 tensor of those rows.
+    """
+
+    def __init__(self, gather, num_rows: int, dim: int, content_hash: str, featurizer: FeaturizerSpec, source: str):
+        self._gather = gather
+        self.num_rows, self.dim = int(num_rows), int(dim)
+        self.content_hash, self.featurizer, self.source = content_hash, featurizer, source
+
+    @classmethod
+    def from_matrix(cls, matrix, featurizer: FeaturizerSpec | None = None, source: str = "in memory") -> ItemTable:
+        """A table over a plain `[N, D]` matrix (array or tensor; copied into a read-only float32 array unless it
+        already is one). `featurizer` records what produced it (default: unrecorded, only the width is checked)."""
+        if hasattr(matrix, "detach"):
+            matrix = matrix.detach().cpu().float().numpy()
+        array = np.asarray(matrix)
+        if array.dtype != np.float32 or array.flags.writeable:
+            array = np.array(array, dtype=np.float32, copy=True)
+            array.setflags(write=False)
+        if array.ndim != 2 or array.shape[0] < 1 or array.shape[1] < 1:
+            raise ValueError(f"features must be a non-empty [num_items, feature_dim] matrix, got {array.shape}")
+        if not np.isfinite(array).all():
+            raise ValueError("features contain NaN or inf")
+        if featurizer is None:
+            featurizer = FeaturizerSpec(None, int(array.shape[1]))
+        elif featurizer.dim != array.shape[1]:
+            raise ValueError(f"featurizer {featurizer.describe()} does not match {array.shape[1]}-dim rows")
+        content_hash = _content_hash("matrix", {"shape": list(array.shape)}, (array,), f"matrix {array.shape}")
+        return cls(lambda rows: array[np.asarray(rows, dtype=np.int64)], array.shape[0], array.shape[1],
+                   content_hash, featurizer, source)
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.num_rows, self.dim)
+
+    def gather(self, rows) -> np.ndarray:
+        """float32 vectors of `rows` (int array of any shape); a row outside the table or a non-finite vector
+        raises (a silent wrong row would train on another item)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
+            bad = int(rows[(rows < 0) | (rows >= self.num_rows)].reshape(-1)[0])
+            raise ValueError(f"row {bad} is not a feature-table row below {self.num_rows}, the rows of the item "
+                             f"table the selector reads ({self.describe()}): the prompts were built for another table")
+        vectors = self._gather(rows)
+        if not np.isfinite(vectors).all():
+            raise ValueError(f"the item table {self.describe()} holds NaN or inf in the rows read")
+        return vectors
+
+    def __getitem__(self, index):
+        import torch
+
+        if isinstance(index, slice):
+            index = np.arange(self.num_rows)[index]
+        if hasattr(index, "detach"):
+            index = index.detach().cpu().numpy()
+        return torch.from_numpy(np.ascontiguousarray(self.gather(index)))
+
+    def describe(self) -> str:
+        return (f"table {self.content_hash[:12]} ({self.num_rows:,} rows x {self.dim}, {self.featurizer.describe()}, "
+                f"{self.source})")
+
+    def __repr__(self) -> str:
+        return f"ItemTable({self.describe()})"
+
+    def __deepcopy__(self, memo) -> ItemTable:
+        return self
+
+    def __copy__(self) -> ItemTable:
+        return self
+
+
+# Tables mapped in this process, by content hash (weakly held: a table lives as long as its users).
+_REGISTRY: weakref.WeakValueDictionary[str, ItemTable] = weakref.WeakValueDictionary()
+
+
+def register_item_table(table: ItemTable) -> ItemTable:
+    """Make `table` findable by its content hash in this process (what a selector loaded from a path uses)."""
+    _REGISTRY[table.content_hash] = table
+    return table
+
+
+def find_item_table(content_hash: str) -> ItemTable | None:
+    """The table with this content hash mapped in this process, if any."""
+    return _REGISTRY.get(content_hash)
+
+
+def registered_item_tables() -> list[ItemTable]:
+    return list(_REGISTRY.values())
+
+
+def as_item_table(features) -> ItemTable:
+    """An `ItemTable` from a `FeatureTable`, an `ItemTable` or a plain `[N, D]` matrix (registered, so selectors
+    loaded later in this process find it by its hash)."""
+    if isinstance(features, ItemTable):
+        return register_item_table(features)
+    if isinstance(features, FeatureTable):
+        return features.item_table()
+    return register_item_table(ItemTable.from_matrix(features))
 
 
 def _json_id(item_id: Any) -> int | str:
@@ -458,3 +724,20 @@ def compute_clip_features(
         "missing_image_ids": missing_ids,
     }
     return FeatureTable(corpus.ids, l2_normalize(image_rows[image_index]), l2_normalize(text_rows), meta)
+
+
+def featurizer_for(table: FeatureTable, clip_model=None, clip_processor=None, **kwargs):
+    """A function `Corpus -> FeatureTable` that featurises new items the way `table` was made (same featuriser and
+    dims), e.g. new queries for a selector trained on `table`. The fallback featuriser is rebuilt from the table's
+    metadata; a CLIP table needs the CLIP model and processor it was exported with. `kwargs` go to the featuriser."""
+    name = table.meta.get("featurizer")
+    if name == "fallback":
+        image_dim = table.image_dim if table.image_dim != NATURAL_IMAGE_DIM else None
+        return lambda corpus: fallback_features(corpus, image_dim=image_dim, text_dim=table.text_dim, **kwargs)
+    if name == "clip":
+        if clip_model is None or clip_processor is None:
+            raise ValueError(f"the table at {table.source} holds CLIP features of {table.meta.get('model')!r}: pass "
+                             "that model and its processor (clip_model=, clip_processor=) to featurise new items")
+        return lambda corpus: compute_clip_features(corpus, clip_model, clip_processor, **kwargs)
+    raise ValueError(f"the table at {table.source} does not record a known featuriser (meta featurizer={name!r}); "
+                     "featurise the new items yourself with the function that made it")

@@ -60,11 +60,13 @@ class PoolSpace:
 
 @dataclass
 class QueryBatch:
-    """Queries as the samplers see them: ids, feature rows, and the pool positions each must never receive."""
+    """Queries as the samplers see them: ids, feature rows (of `features`: the pool's table, or the queries' own for
+    items outside the pool's corpus), and the pool positions each must never receive."""
 
     ids: list
     rows: np.ndarray
     excluded: list[np.ndarray]  # per query: sorted pool positions (itself and same-image items)
+    features: FeatureTable | None = None
 
 
 Sampler = Callable[..., list[np.ndarray]]
@@ -139,7 +141,7 @@ def _nearest(scores: torch.Tensor, excluded: Sequence[np.ndarray], k: int) -> li
 
 def _similarity_pools(modality: str, pool: PoolSpace, queries: QueryBatch, k: int, device=None) -> list[np.ndarray]:
     pool_vectors = pool.tensor(modality, device)
-    table = getattr(pool.features, modality)
+    table = getattr(queries.features if queries.features is not None else pool.features, modality)
     chunk = max(1, _SCORE_BUDGET // max(1, len(pool.ids)))
     out: list[np.ndarray] = []
     for start in range(0, len(queries.ids), chunk):
@@ -226,14 +228,17 @@ def build_pool_space(corpus: Corpus, features: FeatureTable, pool_ids: Sequence[
     return PoolSpace(pool_ids, rows, code_of_key, positions_of_image, features)
 
 
-def build_query_batch(corpus: Corpus, pool: PoolSpace, query_ids: Sequence[Hashable]) -> QueryBatch:
+def build_query_batch(
+    corpus: Corpus, pool: PoolSpace, query_ids: Sequence[Hashable], features: FeatureTable | None = None
+) -> QueryBatch:
+    """`corpus` holds the queries (the pool's corpus, or another one for new items whose rows index `features`)."""
     empty = np.empty(0, dtype=np.int64)
     excluded = []
     for query_id in query_ids:
         code = pool.code_of_image_key.get(corpus[query_id].image_key)
         excluded.append(pool.positions_of_image.get(code, empty) if code is not None else empty)
     rows = np.fromiter((corpus.row_of(i) for i in query_ids), dtype=np.int64, count=len(query_ids))
-    return QueryBatch(list(query_ids), rows, excluded)
+    return QueryBatch(list(query_ids), rows, excluded, features)
 
 
 def _check_features(corpus: Corpus, features: FeatureTable | None, method: str, mix: Mapping[str, float]) -> None:
@@ -258,6 +263,8 @@ def sample_candidate_pools(
     batch_size: int = 1024,
     device: str | None = None,
     show_progress: bool = True,
+    query_corpus: Corpus | None = None,
+    query_features: FeatureTable | None = None,
 ) -> dict[Hashable, list]:
     """`{query_id: [candidate corpus ids]}`: k eligible pool items per query, by `method` (a `SAMPLERS` name).
 
@@ -265,7 +272,11 @@ def sample_candidate_pools(
     `method="mix"` (default `DEFAULT_MIX`: half random, a quarter each image/text similarity). Pools are ranked (best
     first for similarity; by method then rank for mix) unless `shuffle=True`, which applies a per-query seeded
     permutation so a position carries no information about how an item was found. `device` (e.g. "cuda") runs the
-    similarity search there; the result is the same up to float rounding of near-equal scores."""
+    similarity search there; the result is the same up to float rounding of near-equal scores.
+
+    Queries that are not items of `corpus` (new images and questions) come with their own `query_corpus` and
+    `query_features` (rows in `query_corpus` order, from the featuriser of `features`); the pool stays in `corpus`.
+    Same-image exclusion then compares image keys across the two corpora."""
     if k < 1:
         raise ValueError(f"k must be positive, got {k}")
     if method not in SAMPLERS:
@@ -279,13 +290,24 @@ def sample_candidate_pools(
     if not query_ids:
         return {}
     _check_features(corpus, features, method, mix)
+    if query_corpus is not None:
+        _check_features(query_corpus, query_features, method, mix)
+        if query_features is not None and features is not None:
+            reason = features.featurizer.mismatch(query_features.featurizer)
+            if reason:
+                raise ValueError(f"query features come from {query_features.featurizer.describe()}, the pool's from "
+                                 f"{features.featurizer.describe()} ({reason}): similarities would be meaningless")
+    elif query_features is not None:
+        raise ValueError("query_features needs query_corpus (the queries' own items)")
     pool = build_pool_space(corpus, features, pool_ids)
     sampler = SAMPLERS[method]
     pools: dict[Hashable, list] = {}
     short = []
     with tqdm(total=len(query_ids), desc=f"{method} pools", disable=not show_progress) as progress:
         for start in range(0, len(query_ids), batch_size):
-            batch = build_query_batch(corpus, pool, query_ids[start : start + batch_size])
+            chunk = query_ids[start : start + batch_size]
+            batch = (build_query_batch(corpus, pool, chunk) if query_corpus is None
+                     else build_query_batch(query_corpus, pool, chunk, query_features))
             ranked = sampler(pool, batch, k, seed, mix=mix, device=device)
             for query_id, positions in zip(batch.ids, ranked, strict=True):
                 if shuffle:

@@ -23,8 +23,17 @@ class ICDSelectorConfig(PreTrainedConfig):
     Configuration of [`ICDSelectorForCausalLM`], a pointer policy over a prompt's candidate demonstrations.
 
     Args:
-        num_items (`int`): rows of the frozen item-feature table (pool items and queries).
-        feature_dim (`int`): width of a feature-table row (e.g. CLIP image + text, 1024).
+        num_items (`int`): rows of the feature table the selector was created with. With `item_vocab="token"` it
+            sizes the vocabulary (prompts name at most this many rows); with `"code"` prompts may name any row the
+            code can write, and the attached table bounds them.
+        feature_dim (`int`): width of a feature-table row (e.g. CLIP ViT-L/14 image + text, 1,536).
+        featurizer (`dict`, *optional*): what produced the item vectors (`FeaturizerSpec.to_dict()`: name, dims,
+            normalisation). A table from another featuriser is refused; one from the same featuriser is accepted
+            (new queries, new pools).
+        feature_table (`dict`, *optional*): the table the selector reads (`hash`, `rows`, `source`), set when one is
+            attached: a checkpoint saved while training records its training table. The table itself is never part
+            of the model or its checkpoints; a selector loaded in a process that has mapped a table with this hash
+            finds it there (e.g. TRL's reference model).
         num_slots (`int`): K, candidate positions in every prompt (shorter pools fill the rest with `<empty>`).
         hidden_size (`int`): width of the transformer.
         intermediate_size (`int`, *optional*): MLP width (default `4 * hidden_size`).
@@ -70,6 +79,8 @@ class ICDSelectorConfig(PreTrainedConfig):
     item_vocab: str = "code"
     item_code_base: int = 256
     item_code_length: int = 3
+    featurizer: dict | None = None
+    feature_table: dict | None = None
     vocab_size: int | None = None
     pad_token_id: int | None = PAD_ID
     eos_token_id: int | None = STOP_ID

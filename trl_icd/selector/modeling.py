@@ -10,9 +10,17 @@ other token. A product with a 0/1 matrix that has one 1 per row is exact in floa
 the sampler's logits and TRL's fused-head logits are the same numbers, and a forbidden token's probability is
 exactly 0 (fp32 `exp` underflows) at any temperature up to `config.max_safe_temperature`.
 
+Where the item vectors live. Prompts name rows of a feature table that stays outside the model: an `ItemTable`
+(`trl_icd.data.features`) attached to the selector, memory-mapped read-only and shared by every process, never a
+buffer or parameter (DDP would broadcast a buffer before every forward, ZeRO-3 does not shard buffers, and a
+checkpoint would carry it). The config records the table's featuriser and content hash; a selector loaded from a path
+(e.g. TRL's reference model) finds a table with that hash among those mapped in its process. `select_demonstrations`
+takes feature vectors directly, so a trained selector serves items that are in no table.
+
 Architecture (at least the research pointer network's expressiveness: cross-attention of the query over the
 candidates, a state updated by each pick, plus a trained stop):
-1. items: frozen feature row -> Linear -> LayerNorm, plus a role embedding (query / candidate / empty slot);
+1. items: feature row (read from the attached table) -> Linear -> LayerNorm, plus a role embedding (query /
+   candidate / empty slot);
 2. context encoder: `num_layers` pre-LN transformer layers over [query, candidates] (candidates unordered: no
    position embedding, so the policy is equivariant to the candidate order);
 3. pointer decoder: `num_decoder_layers` layers over [begin, pick_1, ..., pick_t] with causal self-attention (the
@@ -23,9 +31,12 @@ candidates, a state updated by each pick, plus a trained stop):
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,8 +45,14 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 
+from ..data.features import FeaturizerSpec, ItemTable, as_item_table, find_item_table, registered_item_tables
 from .configuration import ICDSelectorConfig
 from .vocabulary import EMPTY_ID, SLOT_OFFSET, STOP_ID, SelectorVocabulary
+
+logger = logging.getLogger(__name__)
+
+# Weight name under which checkpoints written before the table moved out of the model stored it.
+LEGACY_TABLE_KEY = "model.items.features"
 
 # Roles of a prompt position and kinds of decoder inputs (rows of two small embeddings).
 ROLE_QUERY, ROLE_CANDIDATE, ROLE_EMPTY = 0, 1, 2
@@ -242,20 +259,85 @@ class SelectorDecoderLayer(GradientCheckpointingLayer):
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
+class _TableSlot:
+    """Holds the item table a selector reads. Not a tensor, so never a buffer, parameter or checkpoint entry; deep
+    copies (a reference model made by copying) share the table, pickles drop it (the copy re-resolves it by hash)."""
+
+    def __init__(self, table: ItemTable | None = None):
+        self.table = table
+
+    def __deepcopy__(self, memo) -> _TableSlot:
+        return _TableSlot(self.table)
+
+    def __getstate__(self) -> dict:
+        return {"table": None}
+
+
+def missing_table_message(config: ICDSelectorConfig) -> str:
+    """What a selector without its table needs, and how to give it."""
+    record = config.feature_table or {}
+    featurizer = FeaturizerSpec.from_dict(config.featurizer) if config.featurizer else None
+    wanted = (
+        f"it was saved reading table {record.get('hash', '?')[:12]} ({record.get('rows', '?')} rows x "
+        f"{config.feature_dim}, {featurizer.describe() if featurizer else 'featuriser not recorded'}, from "
+        f"{record.get('source', '?')})"
+        if record
+        else f"it records no table ({config.feature_dim}-dim item vectors)"
+    )
+    mapped = [t.describe() for t in registered_item_tables()]
+    return (
+        f"this ICD selector reads its item vectors from a feature table kept outside the model, and none is attached: "
+        f"{wanted}. Attach one with `selector.attach_features(FeatureTable.load(DIR))` or "
+        f"`ICDSelectorForCausalLM.from_pretrained(PATH, features=table)`; any table from the same featuriser works "
+        f"(new queries, new pools). A table with the recorded hash that is loaded in this process is found "
+        f"automatically. Tables mapped in this process: {mapped or 'none'}"
+    )
+
+
 class ItemEmbedder(nn.Module):
-    """Frozen feature table (a persistent buffer: saved with the model, never trained) -> learned item vectors.
-    This is the model's "input embedding" (PEFT and gradient checkpointing hook it)."""
+    """Item vectors (rows of the attached feature table) -> learned item embeddings. The table is read, never
+    trained and never stored here (see `_TableSlot`). This is the model's "input embedding" (PEFT and gradient
+    checkpointing hook it)."""
 
     def __init__(self, config: ICDSelectorConfig):
         super().__init__()
-        self.register_buffer("features", torch.zeros(config.num_items, config.feature_dim))
+        self._selector_config = config
+        self._slot = _TableSlot()
         self.proj = nn.Linear(config.feature_dim, config.hidden_size)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.roles = nn.Embedding(3, config.hidden_size)
 
-    def forward(self, rows: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
-        vectors = self.norm(self.proj(self.features[rows].to(self.proj.weight.dtype)))
-        roles = torch.full_like(rows, ROLE_CANDIDATE)
+    @property
+    def attached_table(self) -> ItemTable | None:
+        return self._slot.table
+
+    def attach(self, table: ItemTable) -> None:
+        self._slot.table = table
+
+    @property
+    def features(self) -> ItemTable:
+        """The item table the selector reads: the attached one, else the table with the config's recorded hash among
+        those mapped in this process; raises an actionable RuntimeError when neither exists."""
+        table = self._slot.table
+        if table is None:
+            record = self._selector_config.feature_table or {}
+            table = find_item_table(record["hash"]) if record.get("hash") else None
+            if table is None:
+                raise RuntimeError(missing_table_message(self._selector_config))
+            self._slot.table = table
+        return table
+
+    def lookup(self, rows: torch.Tensor) -> torch.Tensor:
+        """Feature vectors of table `rows` (any shape) on this module's device and dtype. Rows repeated in a batch
+        (TRL's G completions of a prompt) are read once."""
+        unique, inverse = torch.unique(rows, return_inverse=True)
+        vectors = torch.from_numpy(self.features.gather(unique.cpu().numpy()))
+        return vectors.to(device=self.proj.weight.device, dtype=self.proj.weight.dtype)[inverse]
+
+    def forward(self, features: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+        """`features` `[B, 1+K, D]` (query, then candidates) -> `[B, 1+K, hidden]`; `empty` marks empty slots."""
+        vectors = self.norm(self.proj(features.to(self.proj.weight.dtype)))
+        roles = torch.full(empty.shape, ROLE_CANDIDATE, dtype=torch.long, device=empty.device)
         roles[:, 0] = ROLE_QUERY
         roles = roles.masked_fill(empty, ROLE_EMPTY)
         return torch.where(empty[..., None], 0.0, vectors) + self.roles(roles)
@@ -318,8 +400,8 @@ class ICDSelectorPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """1/sqrt(fan_in) linear layers, zero pointer-query and stop heads, N(0, 1) embeddings; the feature table is
-        left as set by `from_features` or loaded; the 0/1 head is rebuilt from the config."""
+        """1/sqrt(fan_in) linear layers, zero pointer-query and stop heads, N(0, 1) embeddings; the 0/1 head is
+        rebuilt from the config (the feature table is not part of the model)."""
         if isinstance(module, nn.Linear):
             if getattr(module, "_zero_init", False):
                 init.zeros_(module.weight)
@@ -372,43 +454,10 @@ class ICDSelectorModel(ICDSelectorPreTrainedModel):
     def _score_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         config = self.config
         batch = read_selector_batch(input_ids, attention_mask, self.vocabulary)
+        step_scores = self.score_steps(self.items.lookup(batch.rows), batch, config.min_shots, config.max_shots)
 
-        # 1. encode the query and its candidates
-        context = self.items(batch.rows, batch.empty)
-        context_visible = ~batch.empty[:, None, :]  # the query (never empty) keeps every row non-empty
-        for layer in self.encoder:
-            context = layer(context, context_visible.expand(-1, context.shape[1], -1))
-        context = self.encoder_norm(context)
-        candidates = context[:, 1:]
-
-        # 2. decode: step 0 reads the query, step s >= 1 reads the s-th pick (or "done" once the selection ended)
-        num_steps = batch.alive.shape[1]
-        steps = torch.arange(num_steps, device=input_ids.device)
-        picked = candidates.gather(1, batch.picks[..., None].expand(-1, -1, candidates.shape[-1]))
-        inputs = torch.cat([context[:, :1], torch.where(batch.alive[:, 1:, None], picked, 0.0)], dim=1)
-        kinds = torch.where(batch.alive, STEP_PICK, STEP_DONE)
-        kinds[:, 0] = STEP_BEGIN
-        # (config.max_shots may be lowered after creation, e.g. to evaluate at a fixed shot count: clamp to the table)
-        positions = steps.clamp(max=self.step_positions.num_embeddings - 1)
-        states = inputs + self.step_kinds(kinds) + self.step_positions(positions)
-        causal = torch.ones(num_steps, num_steps, dtype=torch.bool, device=input_ids.device).tril()
-        causal = causal.expand(states.shape[0], -1, -1)
-        decoder_context_visible = context_visible.expand(-1, num_steps, -1)
-        for layer in self.decoder:
-            states = layer(states, context, causal, decoder_context_visible)
-        states = self.decoder_norm(states)
-
-        # 3. masked scores per step: [K slots, stop, NEG]
-        slot_raw, stop_raw = self.pointer(states, candidates)
-        slot_allowed, stop_allowed, n_allowed = action_masks(batch, config.min_shots, config.max_shots)
-        cap = config.score_softcap
+        # align with token positions: the score row of step s sits at the position of prompt-last + s
         neg = config.mask_value
-        slot_scores = torch.where(slot_allowed, cap * torch.tanh(slot_raw / cap), neg)
-        stop_scores = cap * torch.tanh(stop_raw / cap) + torch.log(n_allowed.clamp(min=1).to(stop_raw.dtype))
-        stop_scores = torch.where(stop_allowed, stop_scores, neg)
-        step_scores = torch.cat([slot_scores, stop_scores[..., None], torch.full_like(stop_scores[..., None], neg)], -1)
-
-        # 4. align with token positions: the score row of step s sits at the position of prompt-last + s
         length = input_ids.shape[1]
         last_prompt_position = batch.start[:, None] + self.vocabulary.prompt_length - 1
         step_at = torch.arange(length, device=input_ids.device) - last_prompt_position
@@ -417,11 +466,92 @@ class ICDSelectorModel(ICDSelectorPreTrainedModel):
         filler[..., config.num_slots] = 0.0  # prompt positions: never scored; a finite "stop only" row
         return torch.where((step_at >= 0)[..., None], rows, filler)
 
+    def score_steps(
+        self, item_features: torch.Tensor, batch: SelectorBatch, min_shots: int, max_shots: int
+    ) -> torch.Tensor:
+        """Masked scores `[B, S, K+2]` (K slots, stop, NEG) of decoder steps 0..S-1, from the item vectors
+        `[B, 1+K, D]` (query, then candidates) and the picks in `batch`: the one computation behind the token path
+        (`forward`) and the feature path (`ICDSelectorForCausalLM.select_demonstrations`)."""
+        config = self.config
+        device = item_features.device
+
+        # 1. encode the query and its candidates
+        context = self.items(item_features, batch.empty)
+        context_visible = ~batch.empty[:, None, :]  # the query (never empty) keeps every row non-empty
+        for layer in self.encoder:
+            context = layer(context, context_visible.expand(-1, context.shape[1], -1))
+        context = self.encoder_norm(context)
+        candidates = context[:, 1:]
+
+        # 2. decode: step 0 reads the query, step s >= 1 reads the s-th pick (or "done" once the selection ended)
+        num_steps = batch.alive.shape[1]
+        steps = torch.arange(num_steps, device=device)
+        picked = candidates.gather(1, batch.picks[..., None].expand(-1, -1, candidates.shape[-1]))
+        inputs = torch.cat([context[:, :1], torch.where(batch.alive[:, 1:, None], picked, 0.0)], dim=1)
+        kinds = torch.where(batch.alive, STEP_PICK, STEP_DONE)
+        kinds[:, 0] = STEP_BEGIN
+        # (config.max_shots may be lowered after creation, e.g. to evaluate at a fixed shot count: clamp to the table)
+        positions = steps.clamp(max=self.step_positions.num_embeddings - 1)
+        states = inputs + self.step_kinds(kinds) + self.step_positions(positions)
+        causal = torch.ones(num_steps, num_steps, dtype=torch.bool, device=device).tril()
+        causal = causal.expand(states.shape[0], -1, -1)
+        decoder_context_visible = context_visible.expand(-1, num_steps, -1)
+        for layer in self.decoder:
+            states = layer(states, context, causal, decoder_context_visible)
+        states = self.decoder_norm(states)
+
+        # 3. masked scores per step: [K slots, stop, NEG]
+        slot_raw, stop_raw = self.pointer(states, candidates)
+        slot_allowed, stop_allowed, n_allowed = action_masks(batch, min_shots, max_shots)
+        cap = config.score_softcap
+        neg = config.mask_value
+        slot_scores = torch.where(slot_allowed, cap * torch.tanh(slot_raw / cap), neg)
+        stop_scores = cap * torch.tanh(stop_raw / cap) + torch.log(n_allowed.clamp(min=1).to(stop_raw.dtype))
+        stop_scores = torch.where(stop_allowed, stop_scores, neg)
+        return torch.cat([slot_scores, stop_scores[..., None], torch.full_like(stop_scores[..., None], neg)], -1)
+
+
+def _selection_inputs(query_features, candidate_features, config: ICDSelectorConfig):
+    """Check and convert `select_demonstrations` inputs: (queries `[Q, D]` float32, list of Q pools `[K_q, D]`)."""
+    dim = config.feature_dim
+
+    def matrix(value, what: str) -> torch.Tensor:
+        tensor = torch.as_tensor(value.detach().cpu() if hasattr(value, "detach") else np.asarray(value))
+        tensor = tensor.to(torch.float32)
+        if tensor.dim() != 2 or tensor.shape[1] != dim:
+            raise ValueError(f"{what} must be [n, {dim}] (this selector's feature_dim), got {tuple(tensor.shape)}")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{what} contains NaN or inf")
+        return tensor
+
+    queries = matrix(query_features, "query_features")
+    if hasattr(candidate_features, "dim") or isinstance(candidate_features, np.ndarray):
+        grid = torch.as_tensor(candidate_features)
+        if grid.dim() != 3:
+            raise ValueError(f"candidate_features must be [queries, K, {dim}] or a list of [K, {dim}] arrays, got "
+                             f"shape {tuple(grid.shape)}")
+        candidate_features = list(grid)
+    if not isinstance(candidate_features, Sequence) or len(candidate_features) != len(queries):
+        count = len(candidate_features) if isinstance(candidate_features, Sequence) else type(candidate_features)
+        raise ValueError(f"need one candidate pool per query: {len(queries)} queries, {count} pools")
+    pools = []
+    for n, pool in enumerate(candidate_features):
+        pool = matrix(pool, f"candidate_features[{n}]")
+        if len(pool) == 0:
+            raise ValueError(f"query {n} has an empty candidate pool: there is nothing to choose from")
+        if len(pool) > config.num_slots:
+            raise ValueError(f"query {n} has {len(pool)} candidates; this selector has {config.num_slots} slots")
+        pools.append(pool)
+    return queries, pools
+
 
 class ICDSelectorForCausalLM(ICDSelectorPreTrainedModel, GenerationMixin):
     """The ICD selector as a causal LM: prompt = query + K candidate slots, completion = slot tokens then `<stop>`."""
 
     _tied_weights_keys = {}
+    # The 0/1 output head is a constant rebuilt from the config in every process: DDP need not broadcast it before
+    # every forward (it would, as a buffer; for a token vocabulary of a large pool that is ~100 MB per step).
+    _ddp_params_and_buffers_to_ignore = ("lm_head.weight",)
 
     def __init__(self, config: ICDSelectorConfig):
         super().__init__(config)
@@ -429,44 +559,196 @@ class ICDSelectorForCausalLM(ICDSelectorPreTrainedModel, GenerationMixin):
         self.lm_head = SelectorOutputHead(config)
         self.post_init()
 
-    # ---- construction and loading --------------------------------------------------------------------------------
+    # ---- construction, loading, the feature table ----------------------------------------------------------------
     @classmethod
     def from_features(
         cls, features, num_slots: int, min_shots: int = 1, max_shots: int = 4, **config_overrides
     ) -> ICDSelectorForCausalLM:
-        """A fresh selector whose frozen item table is `features` ([num_items, feature_dim], one row per feature-table
-        row, e.g. `FeatureTable.combined()`); `config_overrides` are further `ICDSelectorConfig` fields."""
-        table = torch.as_tensor(features, dtype=torch.float32)
-        if table.dim() != 2 or table.shape[0] < 1:
-            raise ValueError(f"features must be a non-empty [num_items, feature_dim] matrix, got {tuple(table.shape)}")
-        if not torch.isfinite(table).all():
-            raise ValueError("features contain NaN or inf")
-        for key in ("num_items", "feature_dim"):
+        """A fresh selector that reads its item vectors from `features`: a `FeatureTable` (its combined rows, read
+        from the memory maps on demand), an `ItemTable`, or a plain `[num_items, feature_dim]` matrix. The table
+        stays outside the model (never a buffer, never in a checkpoint); the config records its featuriser and
+        content hash. `config_overrides` are further `ICDSelectorConfig` fields."""
+        for key in ("num_items", "feature_dim", "featurizer", "feature_table"):
             if key in config_overrides:
-                raise ValueError(f"{key} comes from the features' shape; do not pass it")
+                raise ValueError(f"{key} comes from the features' shape and origin; do not pass it")
+        table = as_item_table(features)
         config = ICDSelectorConfig(
-            num_items=table.shape[0],
-            feature_dim=table.shape[1],
+            num_items=len(table),
+            feature_dim=table.dim,
             num_slots=num_slots,
             min_shots=min_shots,
             max_shots=max_shots,
+            featurizer=table.featurizer.to_dict(),
             **config_overrides,
         )
-        model = cls(config)
-        model.model.items.features.copy_(table)
-        return model
+        return cls(config).attach_features(table)
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, features=None, **kwargs):
         """`PreTrainedModel.from_pretrained`, but strict: a weight the checkpoint lacks or one the model does not
-        have is an error (transformers only warns, leaving freshly initialised weights behind)."""
+        have is an error (transformers only warns, leaving freshly initialised weights behind).
+
+        `features` (a `FeatureTable`, `ItemTable` or matrix from the selector's featuriser) is attached at once;
+        without it the selector uses the table with its recorded hash among those mapped in this process, found at
+        first use (an actionable error names what it needs if there is none). A checkpoint written when the table
+        was stored inside the model loads too: its table is read from the checkpoint into memory (a warning says to
+        re-save it)."""
         wants_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        legacy = LEGACY_TABLE_KEY in (info.get("unexpected_keys") or ())
+        if legacy:
+            info["unexpected_keys"] = [key for key in info["unexpected_keys"] if key != LEGACY_TABLE_KEY]
         problems = {key: sorted(info.get(key) or ()) for key in ("missing_keys", "unexpected_keys", "mismatched_keys")}
         problems = {key: value for key, value in problems.items() if value}
         if problems:
             raise RuntimeError(f"{cls.__name__}: checkpoint does not match the model exactly: {problems}")
+        if legacy:
+            from .legacy import read_legacy_table
+
+            stored = read_legacy_table(pretrained_model_name_or_path, **kwargs)
+            logger.warning(
+                "%s stores its feature table inside the checkpoint (%d x %d; the format before tables moved out of "
+                "the model): %s. Re-save it with save_pretrained to drop the table from the checkpoint; the saved "
+                "selector then needs a table attached (e.g. the FeatureTable it was trained on).",
+                pretrained_model_name_or_path, *stored.shape,
+                "using it" if features is None else "ignored, the table passed as `features` is used",
+            )
+            if features is None:
+                features = ItemTable.from_matrix(stored, source=f"{pretrained_model_name_or_path} (stored inside)")
+        if features is not None:
+            model.attach_features(features)
         return (model, info) if wants_info else model
+
+    def attach_features(self, features) -> ICDSelectorForCausalLM:
+        """Read item vectors from `features` from now on (a `FeatureTable`, an `ItemTable` or a `[N, D]` matrix):
+        the table whose rows the prompts name. Any table from the featuriser recorded in the config is accepted
+        (new queries, new pools: a selector serves items it was not trained on); a table from another featuriser
+        raises ValueError naming both. Records the table's hash in the config (so a checkpoint saved now names its
+        table) and returns the selector."""
+        table = as_item_table(features)
+        config = self.config
+        spec = table.featurizer
+        recorded = self.check_featurizer(spec, table.describe())
+        if recorded is None or (recorded.name is None and spec.name is not None):
+            config.featurizer = spec.to_dict()
+        if config.item_vocab == "token" and len(table) > config.num_items:
+            logger.warning(
+                "%s has %d rows but this token-vocabulary selector's prompts name at most %d; the rest are reachable "
+                "through select_demonstrations only (use item_vocab='code' for pools that grow)",
+                table.describe(), len(table), config.num_items,
+            )
+        self.model.items.attach(table)
+        config.feature_table = {"hash": table.content_hash, "rows": len(table), "source": table.source}
+        return self
+
+    def check_featurizer(self, spec: FeaturizerSpec, what: str = "these features") -> FeaturizerSpec | None:
+        """Raise ValueError (naming both) unless vectors from `spec` can stand in for the ones this selector was
+        trained on; returns the recorded spec (None when the config records none)."""
+        config = self.config
+        recorded = FeaturizerSpec.from_dict(config.featurizer) if config.featurizer else None
+        expected = recorded or FeaturizerSpec(None, config.feature_dim)
+        reason = expected.mismatch(spec)
+        if reason:
+            raise ValueError(
+                f"this selector was trained on features from {expected.describe()}, but got features from "
+                f"{spec.describe()} ({what}; {reason}): export the features with the selector's featuriser"
+            )
+        return recorded
+
+    @property
+    def feature_table(self) -> ItemTable:
+        """The item table this selector reads (see `attach_features`)."""
+        return self.model.items.features
+
+    # ---- new queries: features in, demonstrations out -------------------------------------------------------------
+    @torch.no_grad()
+    def select_demonstrations(
+        self,
+        query_features,
+        candidate_features,
+        num_shots: int | None = None,
+        do_sample: bool = False,
+        *,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        batch_size: int = 256,
+    ) -> list[list[int]]:
+        """Demonstrations for queries given as feature vectors (items in no table: new images and questions).
+
+        `query_features`: `[Q, D]` (the combined vectors a `FeatureTable` holds: `combined_rows`, or a featuriser's
+        output for new items). `candidate_features`: per query, its pool's vectors, `[Q, K, D]` or a list of Q
+        arrays `[K_q, D]` with 1 <= K_q <= num_slots. Returns, per query, the chosen positions in its candidate list
+        in the order chosen: greedy by default (the same choices as greedy `generate` on the same items), sampled
+        at `temperature` with `do_sample`; `num_shots` None lets the selector stop where it learned to (between
+        min_shots and max_shots), an int asks for exactly that many (fewer when the pool is smaller)."""
+        config = self.config
+        queries, pools = _selection_inputs(query_features, candidate_features, config)
+        if num_shots is None:
+            min_shots, max_shots = config.min_shots, config.max_shots
+        else:
+            if isinstance(num_shots, bool) or not isinstance(num_shots, (int, np.integer)):
+                raise ValueError(f"num_shots must be None or an int, got {num_shots!r}")
+            if not 0 <= num_shots <= config.max_shots:
+                raise ValueError(f"this selector picks at most max_shots={config.max_shots}, not num_shots={num_shots}")
+            min_shots = max_shots = int(num_shots)
+        if do_sample and not 0 < temperature <= config.max_safe_temperature:
+            raise ValueError(f"temperature must be in (0, {config.max_safe_temperature:.1f}], got {temperature}")
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.autocast(self.device.type, enabled=False):
+                chosen: list[list[int]] = []
+                for start in range(0, len(pools), batch_size):
+                    chosen += self._select_batch(
+                        queries[start : start + batch_size], pools[start : start + batch_size], min_shots, max_shots,
+                        temperature if do_sample else None, generator,
+                    )
+        finally:
+            self.train(was_training)
+        return chosen
+
+    def _select_batch(self, queries, pools, min_shots, max_shots, temperature, generator) -> list[list[int]]:
+        """Decode one batch step by step through `score_steps` and the 0/1 head, as `generate` does with tokens."""
+        num_slots, parameter = self.config.num_slots, next(self.parameters())
+        batch = len(pools)
+        items = torch.zeros(batch, 1 + num_slots, queries.shape[1])
+        empty = torch.ones(batch, 1 + num_slots, dtype=torch.bool)
+        items[:, 0], empty[:, 0] = queries, False
+        for n, pool in enumerate(pools):
+            items[n, 1 : 1 + len(pool)], empty[n, 1 : 1 + len(pool)] = pool, False
+        items = items.to(device=parameter.device, dtype=parameter.dtype)
+        empty = empty.to(parameter.device)
+        chosen: list[list[int]] = [[] for _ in range(batch)]
+        done = [False] * batch
+        for step in range(max_shots + 1):
+            made = torch.tensor([len(c) for c in chosen], device=empty.device)
+            picks = torch.tensor([c[:step] + [0] * (step - len(c)) for c in chosen], dtype=torch.long)
+            alive = torch.arange(step + 1, device=empty.device)[None, :] <= made[:, None]
+            state = SelectorBatch(
+                start=torch.zeros(batch, dtype=torch.long, device=empty.device),
+                rows=torch.zeros(batch, 1 + num_slots, dtype=torch.long, device=empty.device),
+                empty=empty, picks=picks.view(batch, step).to(empty.device), alive=alive,
+            )
+            scores = self.model.score_steps(items, state, min_shots, max_shots)[:, step]
+            logits = self.lm_head(scores).float()
+            if temperature is None:
+                tokens = logits.argmax(-1)
+            else:
+                probs = (logits / temperature).softmax(-1).cpu()
+                tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            for n, token in enumerate(tokens.tolist()):
+                if done[n]:
+                    continue
+                slot = token - SLOT_OFFSET
+                if token == STOP_ID:
+                    done[n] = True
+                elif 0 <= slot < len(pools[n]) and slot not in chosen[n]:
+                    chosen[n].append(slot)
+                else:  # the masks make this impossible; never hand back an invalid selection
+                    raise RuntimeError(f"invalid selection token {token} for a pool of {len(pools[n])}")
+            if all(done):
+                break
+        return chosen
 
     # ---- what TRL and PEFT use -----------------------------------------------------------------------------------
     def get_input_embeddings(self) -> nn.Module:

@@ -81,7 +81,8 @@ def selector_prompt(query_row, candidate_rows: Sequence, num_slots: int | None =
         raise ValueError(f"{len(candidates)} candidates do not fit in {vocabulary.num_slots} slots")
     for row in [query, *candidates]:
         if not 0 <= row < vocabulary.max_items:
-            raise ValueError(f"row {row} is outside the feature table (0..{vocabulary.max_items - 1})")
+            raise ValueError(f"row {row} is outside the feature table rows this vocabulary can name "
+                             f"(0..{vocabulary.max_items - 1})")
     if len(set(candidates)) != len(candidates):
         raise ValueError(f"duplicate candidates in {candidates}")
     if query in candidates:

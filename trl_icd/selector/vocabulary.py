@@ -42,8 +42,9 @@ _SLOT_WORD = re.compile(r"<slot_(\d+)>")
 class SelectorVocabulary:
     """Layout of the selector vocabulary for `num_slots` candidate positions.
 
-    `num_items` bounds the feature-table rows a prompt may name (required in `"token"` mode, where it sizes the
-    vocabulary; optional in `"code"` mode, where the code capacity `code_base ** code_length` bounds it otherwise).
+    `num_items` bounds the feature-table rows a prompt may name in `"token"` mode (required there: it sizes the
+    vocabulary). In `"code"` mode a prompt may name any row the code can write (`code_base ** code_length`), so a
+    selector reads tables larger than the one it was created with; `num_items` is then only checked to fit.
     """
 
     num_slots: int
@@ -76,8 +77,8 @@ class SelectorVocabulary:
 
     @property
     def max_items(self) -> int:
-        """Rows a prompt can name."""
-        if self.num_items is not None:
+        """Rows a prompt can name (the attached feature table may hold fewer: reading a row beyond it is an error)."""
+        if self.item_vocab == "token":
             return self.num_items
         return self.code_capacity
 
