@@ -330,7 +330,8 @@ def score_in_dtype(run: dict, record: Record, sizes: SuiteSizes, stream, dtype_n
 def build_selector(features, pools, num_slots: int, columns: dict | None = None, **config):
     """The suite's one place that builds a selector: (model, tokenizer, training dataset) for `pools`, a list of
     (query row, candidate rows) in feature-table rows; `columns` are extra dataset columns (the reward's
-    `query_id` / `candidate_ids`). Today the feature table lives inside the model (`from_features`)."""
+    `query_id` / `candidate_ids`). The feature matrix is held outside the model's weights (an in-memory
+    `ItemTable`: nothing of it is a parameter or a buffer), as a memory-mapped `FeatureTable` would be."""
     from datasets import Dataset
 
     from trl_icd.selector import ICDSelectorForCausalLM, build_selector_tokenizer
