@@ -31,6 +31,7 @@ from trl_icd.pipeline import (
     load_or_build_selector,
     parse_script_arguments,
 )
+from trl_icd.sources import check_pretrained_path, exit_on_missing_input
 
 logger = logging.getLogger("evaluate_okvqa")
 
@@ -64,6 +65,8 @@ def main(argv=None) -> dict:
         plot_accuracy_vs_shots,
     )
 
+    for path in args.selectors:  # before any data is read: a typo should not cost a corpus load
+        check_pretrained_path(path, "selector checkpoint (--selectors)")
     data = load_data(data_args)
     query_ids = list(data.eval_ids)[: args.limit] if args.limit else list(data.eval_ids)
     if not query_ids:
@@ -102,4 +105,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with exit_on_missing_input():
+        main(sys.argv[1:])

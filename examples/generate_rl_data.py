@@ -39,6 +39,7 @@ from trl_icd.pipeline import (
     selector_generate,
     training_query_ids,
 )
+from trl_icd.sources import check_pretrained_path, exit_on_missing_input
 
 logger = logging.getLogger("generate_rl_data")
 
@@ -119,6 +120,8 @@ def main(argv=None) -> dict:
         (RLDataArguments, DataArguments, RewardArguments, SelectorArguments), argv
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    if args.selector_path:
+        check_pretrained_path(args.selector_path, "selector checkpoint (--selector_path)")
     data = load_data(data_args)
     query_ids = training_query_ids(data, data_args)
     pools = build_pools(data, data_args, query_ids)
@@ -189,4 +192,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with exit_on_missing_input():
+        main(sys.argv[1:])

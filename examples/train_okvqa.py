@@ -32,6 +32,7 @@ from trl_icd.pipeline import (
     build_pools,
     build_reward,
     build_selector_training_dataset,
+    check_data_paths,
     load_data,
     load_or_build_selector,
     run_demo_evaluation,
@@ -39,6 +40,7 @@ from trl_icd.pipeline import (
     save_policy,
     training_query_ids,
 )
+from trl_icd.sources import check_pretrained_path, exit_on_missing_input, require_local
 
 logger = logging.getLogger("train_okvqa")
 
@@ -84,8 +86,15 @@ def main(argv: list[str] | None = None) -> dict:
         level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
     )
-    os.makedirs(training_args.output_dir, exist_ok=True)
     resume = _resume_target(training_args)
+    # Inputs first, before anything is written: a missing file fails in seconds and leaves no empty output folder.
+    check_data_paths(data_args)
+    if model_args.model_name_or_path:
+        check_pretrained_path(model_args.model_name_or_path, "selector checkpoint (model_name_or_path)")
+    if rce_args.rce_data_path:
+        require_local(rce_args.rce_data_path, "RCE data (rce_data_path)", expect="file",
+                      hint="Score it first: python examples/generate_rl_data.py --config <recipe> --output_file "
+                           f"{rce_args.rce_data_path}")
 
     data = load_data(data_args)
     query_ids = training_query_ids(data, data_args)
@@ -173,4 +182,5 @@ def wait_for_main_process() -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with exit_on_missing_input():
+        main(sys.argv[1:])

@@ -252,7 +252,25 @@ def load_features(args: DataArguments, corpus):
     return fallback_features(corpus, text_dim=args.fallback_text_dim)
 
 
+def check_data_paths(args: DataArguments) -> None:
+    """Fail at once on a missing local input, before anything is read: the dataset folder (a string that can only be
+    a path, or whose first component is a local folder; see `trl_icd.sources`) and the feature table."""
+    from .sources import require_local, resolve_source
+
+    if args.dataset != "demo":
+        from .data.downloads import DISPLAY_NAMES, download_instructions
+        from .data.okvqa import HUB_PRESETS
+
+        resolve_source(args.dataset_path, f"{DISPLAY_NAMES[args.dataset]} data folder (dataset_path)",
+                       hint=download_instructions(args.dataset, args.dataset_path), known_hub_ids=HUB_PRESETS)
+    if args.features_path:
+        require_local(args.features_path, "feature table (features_path)",
+                      hint="Export it once with examples/export_features.py --source <dataset_path> --output_dir "
+                           f"{args.features_path} (README: OK-VQA step 2).")
+
+
 def load_data(args: DataArguments) -> DataBundle:
+    check_data_paths(args)
     corpus, world = load_corpus(args)
     features = load_features(args, corpus)
     train_ids = corpus.ids_in_split(args.train_split)
