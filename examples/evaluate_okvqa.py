@@ -38,6 +38,8 @@ logger = logging.getLogger("evaluate_okvqa")
 
 @dataclass
 class EvalArguments:
+    """Switches of this script: what to evaluate (selectors, baselines, shot counts) and where the results go."""
+
     results_dir: str = field(default="eval", metadata={"help": "Where the table, JSON and plot go."})
     selectors: list[str] = field(
         default_factory=list,
@@ -56,7 +58,7 @@ class EvalArguments:
 
 def main(argv=None) -> dict:
     args, data_args, reward_args, selector_args = parse_script_arguments(
-        (EvalArguments, DataArguments, RewardArguments, SelectorArguments), argv
+        (EvalArguments, DataArguments, RewardArguments, SelectorArguments), argv, description=__doc__
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     from trl_icd.evaluation import (

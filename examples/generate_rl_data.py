@@ -49,6 +49,8 @@ SOURCE_PRIORITY = ("beam", "image_sim", "text_sim", "sample", "random")
 
 @dataclass
 class RLDataArguments:
+    """Switches of this script: which sequences to propose per query and where the scored JSON Lines go."""
+
     output_file: str = field(default="rl_data.jsonl", metadata={"help": "Where to write the scored JSON Lines."})
     selector_path: str | None = field(
         default=None, metadata={"help": "A trained selector (beam and sampled sequences); None: retrieval + random."}
@@ -117,7 +119,7 @@ def selector_sequences(model, tokenizer, dataset, num_shots: int, args: RLDataAr
 
 def main(argv=None) -> dict:
     args, data_args, reward_args, selector_args = parse_script_arguments(
-        (RLDataArguments, DataArguments, RewardArguments, SelectorArguments), argv
+        (RLDataArguments, DataArguments, RewardArguments, SelectorArguments), argv, description=__doc__
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     if args.selector_path:

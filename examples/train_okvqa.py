@@ -4,9 +4,11 @@
     accelerate launch --config_file recipes/accelerate_configs/zero2.yaml \\
         examples/train_okvqa.py --config recipes/okvqa/plan5.yaml                   # OK-VQA, research plan 5
 
-Every option lives in a dataclass (`--help` lists them all): the data/pool options and the reward backend
-(`trl_icd.pipeline`), the selector architecture, the RCE warm-up, the script switches below, TRL's `ModelConfig`
-(`model_name_or_path` = the selector checkpoint to start from; PEFT options) and `ICDGRPOConfig`.
+Every option lives in a dataclass: the script switches below, the data/pool options and the reward backend
+(`trl_icd.pipeline`), the selector architecture, the RCE warm-up, `ICDGRPOConfig` (TRL's `GRPOConfig` plus the
+advantage and adaptive-KL settings) and TRL's `ModelConfig` (`model_name_or_path` = the selector checkpoint to start
+from; PEFT options). `--help` describes the project's options and lists TRL's/transformers' by name; `--help_all`
+describes them all.
 
 The KL reference policy is the policy this run starts from (after the warm-up, or the loaded checkpoint): it is
 saved to `<output_dir>/start_policy` and GRPO loads its reference from there. A resumed run keeps that saved start
@@ -21,9 +23,10 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from trl import ModelConfig, TrlParser
+from trl import ModelConfig
 
 from trl_icd import ICDGRPOConfig
+from trl_icd.cli import ICDArgumentParser
 from trl_icd.pipeline import (
     DataArguments,
     RCEArguments,
@@ -61,9 +64,10 @@ class TrainScriptArguments:
     )
 
 
-def make_parser() -> TrlParser:
-    return TrlParser(
-        (TrainScriptArguments, DataArguments, RewardArguments, SelectorArguments, RCEArguments, ICDGRPOConfig, ModelConfig)
+def make_parser() -> ICDArgumentParser:
+    return ICDArgumentParser(
+        (TrainScriptArguments, DataArguments, RewardArguments, SelectorArguments, RCEArguments, ICDGRPOConfig, ModelConfig),
+        description=__doc__,
     )
 
 

@@ -182,13 +182,13 @@ class RCEArguments:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def parse_script_arguments(dataclass_types, argv=None) -> list:
-    """Parse `argv` (and `--config recipe.yaml`) into `dataclass_types` with `TrlParser`. A training recipe may be
-    passed as the config of the RL-data or evaluation script: its training-only keys are ignored there, while an
-    unknown command-line flag is still an error."""
-    from trl import TrlParser
+def parse_script_arguments(dataclass_types, argv=None, description: str | None = None) -> list:
+    """Parse `argv` (and `--config recipe.yaml`) into `dataclass_types` with `TrlParser` (grouped help:
+    `trl_icd.cli.ICDArgumentParser`). A training recipe may be passed as the config of the RL-data or evaluation
+    script: its training-only keys are ignored there, while an unknown command-line flag is still an error."""
+    from .cli import ICDArgumentParser
 
-    parser = TrlParser(tuple(dataclass_types))
+    parser = ICDArgumentParser(tuple(dataclass_types), description=description)
     *parsed, _, unknown_cli = parser.parse_args_and_config(
         argv, return_remaining_strings=True, separate_remaining_strings=True
     )
