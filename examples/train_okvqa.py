@@ -27,6 +27,8 @@ from trl import ModelConfig
 
 from trl_icd import ICDGRPOConfig
 from trl_icd.cli import ICDArgumentParser
+from trl_icd.console import ConsoleArguments, install_console, print_output_listing
+from trl_icd.heldout import HeldoutArguments, add_heldout_callback
 from trl_icd.pipeline import (
     DataArguments,
     RCEArguments,
@@ -66,7 +68,8 @@ class TrainScriptArguments:
 
 def make_parser() -> ICDArgumentParser:
     return ICDArgumentParser(
-        (TrainScriptArguments, DataArguments, RewardArguments, SelectorArguments, RCEArguments, ICDGRPOConfig, ModelConfig),
+        (TrainScriptArguments, DataArguments, RewardArguments, SelectorArguments, RCEArguments, ICDGRPOConfig, ModelConfig,
+         ConsoleArguments, HeldoutArguments),
         description=__doc__,
     )
 
@@ -83,9 +86,8 @@ def _resume_target(training_args) -> str | bool | None:
 def main(argv: list[str] | None = None) -> dict:
     """Run the pipeline; returns where things went (`output_dir`, `start_policy`, `reference_policy`, ...) and, with
     `--evaluate`, the evaluation results."""
-    script_args, data_args, reward_args, selector_args, rce_args, training_args, model_args = (
-        make_parser().parse_args_and_config(argv)
-    )
+    (script_args, data_args, reward_args, selector_args, rce_args, training_args, model_args, console_args,
+     heldout_args) = make_parser().parse_args_and_config(argv)
     logging.basicConfig(
         level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
@@ -140,6 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
             processing_class=tokenizer,
             peft_config=get_peft_config(model_args),
         )
+        run["metrics_file"] = install_console(trainer, console_args)
+        add_heldout_callback(trainer, heldout_args, data, data_args, reward_args, tokenizer, reward.backend)
         trainer.train(resume_from_checkpoint=resume)
         model = save_trained_selector(trainer, tokenizer, training_args)
         log_history = trainer.state.log_history
@@ -156,6 +160,9 @@ def main(argv: list[str] | None = None) -> dict:
             model, tokenizer, data, data_args, reward_args, training_args.output_dir, log_history
         )
         print(json.dumps(run["eval_results"], indent=2))
+    if training_args.process_index == 0:
+        # Every file the run wrote (run_summary.json included once written), listed last so it is what a person sees.
+        run["outputs"] = print_output_listing(training_args.output_dir)
     return run
 
 

@@ -644,7 +644,13 @@ def run_demo_evaluation(model, tokenizer, data: DataBundle, data_args: DataArgum
     with open(os.path.join(output_dir, "eval_table.md"), "w") as f:
         f.write(table + "\n")
     print(table)
-    plot_accuracy_vs_shots(results, os.path.join(output_dir, "accuracy_vs_shots.png"))
+    plot_accuracy_vs_shots(
+        results, os.path.join(output_dir, "accuracy_vs_shots.png"), reference=["oracle (pool)"],
+        own_choice={"selector": (own_accuracy, results.meta["selector_mean_shots"])},
+        labels={"oracle (pool)": f"Oracle: best {min_shots}-{max_shots} demonstrations from the selector's pool"},
+        dataset="Demo world, held-out queries",
+    )
     if log_history:
-        plot_training_curves(log_history, os.path.join(output_dir, "training_curves.png"))
+        plot_training_curves(log_history, os.path.join(output_dir, "training_curves.png"),
+                             title="Demo world: GRPO training of the selector")
     return summary
