@@ -11,7 +11,7 @@ from trl_icd.cli import ICDArgumentParser, declaring_class
 
 DEMO = str(ROOT / "recipes" / "demo" / "cpu.yaml")
 PROJECT = ["recipe and help", "TrainScriptArguments", "DataArguments", "RewardArguments", "SelectorArguments",
-           "RCEArguments", "ICDGRPOConfig (trl-icd's additions to GRPOConfig)"]
+           "RCEArguments", "ICDGRPOConfig (trl-icd's additions to GRPOConfig)", "ConsoleArguments", "HeldoutArguments"]
 FOREIGN = ["GRPOConfig (TRL)", "TrainingArguments (transformers)", "ModelConfig (TRL)"]
 
 
