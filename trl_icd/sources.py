@@ -112,7 +112,8 @@ def _check_kind(path: Path, text: str, what: str, expect: str) -> None:
 
 def missing_message(text: str, what: str, hint: str = "", note: str = "") -> str:
     where = os.path.abspath(os.path.expanduser(text))
-    lines = [f"{what} {text!r} does not exist ({where})" + (f"; {note}" if note else "") + "."]
+    lines = [f"{what} {text!r} does not exist" + (f" ({where})" if where != text else "")
+             + (f"; {note}" if note else "") + "."]
     if hint:
         lines.append(hint)
     return "\n".join(lines)
