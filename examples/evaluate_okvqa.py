@@ -38,13 +38,18 @@ from trl_icd.pipeline import (
     load_data,
     load_or_build_selector,
     parse_script_arguments,
+    score_selections,
+    select_with_selector,
 )
+from trl_icd.sources import check_pretrained_path, exit_on_missing_input
 
 logger = logging.getLogger("evaluate_okvqa")
 
 
 @dataclass
 class EvalArguments:
+    """Switches of this script: what to evaluate (selectors, baselines, shot counts) and where the results go."""
+
     results_dir: str = field(default="eval", metadata={"help": "Where the table, JSON and plot go."})
     selectors: list[str] = field(
         default_factory=list,
@@ -63,15 +68,18 @@ class EvalArguments:
 
 def main(argv=None) -> dict:
     args, data_args, reward_args, selector_args = parse_script_arguments(
-        (EvalArguments, DataArguments, RewardArguments, SelectorArguments), argv
+        (EvalArguments, DataArguments, RewardArguments, SelectorArguments), argv, description=__doc__
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     from trl_icd.evaluation import (
         markdown_comparison_table,
         markdown_table,
+        mean_ci,
         plot_accuracy_vs_shots,
     )
 
+    for path in args.selectors:  # before any data is read: a typo should not cost a corpus load
+        check_pretrained_path(path, "selector checkpoint (--selectors)")
     data = load_data(data_args)
     query_ids = list(data.eval_ids)[: args.limit] if args.limit else list(data.eval_ids)
     if not query_ids:
@@ -92,25 +100,39 @@ def main(argv=None) -> dict:
 
     results = evaluate_methods(data, reward, query_ids, args.shots, pools=pools, selectors=selectors,
                                baselines=args.baselines, seed=args.random_seed)
+    # Each selector also choosing its own number of demonstrations (greedy, its learned stop): its headline figure.
+    own_choice = {}
+    for name, (model, tokenizer) in selectors.items():
+        picks = select_with_selector(model, tokenizer, data, pools, query_ids)
+        own_choice[name] = (score_selections(reward, query_ids, picks),
+                            sum(len(picks[q]) for q in query_ids) / len(query_ids))
     results.meta.update({
         "dataset": data_args.dataset, "split": data_args.eval_split, "limit": args.limit,
         "pool_size": data_args.pool_size, "pool_method": data_args.pool_method, "scorer": reward.scorer_hash,
         "selectors": dict(zip(names, args.selectors, strict=True)),
         "features": {"hash": data.features.content_hash, "rows": len(data.features),
                      "featurizer": data.features.featurizer.describe()},
+        "own_choice": {name: {"accuracy": sum(acc) / len(acc), "mean_shots": shots}
+                       for name, (acc, shots) in own_choice.items()},
     })
     os.makedirs(args.results_dir, exist_ok=True)
     sections = [markdown_table(results)]
+    for name, (accuracies, mean_shots) in own_choice.items():
+        interval = mean_ci(accuracies)
+        sections.append(f"{name} choosing its own number of demonstrations (greedy): {100 * interval.mean:.1f} "
+                        f"± {100 * interval.half_width:.1f} (mean {mean_shots:.2f} shots).")
     if names:
         sections.append(markdown_comparison_table(results, names, ["zero_shot", *args.baselines]))
     table = "\n\n".join(sections)
     with open(os.path.join(args.results_dir, "results.md"), "w") as f:
         f.write(table + "\n")
     results.save_json(os.path.join(args.results_dir, "results.json"))
-    plot_accuracy_vs_shots(results, os.path.join(args.results_dir, "accuracy_vs_shots.png"))
+    plot_accuracy_vs_shots(results, os.path.join(args.results_dir, "accuracy_vs_shots.png"), own_choice=own_choice,
+                           labels={name: f"Selector {name}, exactly that many shots" for name in names})
     print(table)
     return {"results_dir": args.results_dir, "summary": results.to_dict(per_query=False)["summary"]}
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with exit_on_missing_input():
+        main(sys.argv[1:])

@@ -39,6 +39,7 @@ from trl_icd.pipeline import (
     selector_generate,
     training_query_ids,
 )
+from trl_icd.sources import check_pretrained_path, exit_on_missing_input
 
 logger = logging.getLogger("generate_rl_data")
 
@@ -48,6 +49,8 @@ SOURCE_PRIORITY = ("beam", "image_sim", "text_sim", "sample", "random")
 
 @dataclass
 class RLDataArguments:
+    """Switches of this script: which sequences to propose per query and where the scored JSON Lines go."""
+
     output_file: str = field(default="rl_data.jsonl", metadata={"help": "Where to write the scored JSON Lines."})
     selector_path: str | None = field(
         default=None, metadata={"help": "A trained selector (beam and sampled sequences); None: retrieval + random."}
@@ -116,9 +119,11 @@ def selector_sequences(model, tokenizer, dataset, num_shots: int, args: RLDataAr
 
 def main(argv=None) -> dict:
     args, data_args, reward_args, selector_args = parse_script_arguments(
-        (RLDataArguments, DataArguments, RewardArguments, SelectorArguments), argv
+        (RLDataArguments, DataArguments, RewardArguments, SelectorArguments), argv, description=__doc__
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    if args.selector_path:
+        check_pretrained_path(args.selector_path, "selector checkpoint (--selector_path)")
     data = load_data(data_args)
     query_ids = training_query_ids(data, data_args)
     pools = build_pools(data, data_args, query_ids)
@@ -189,4 +194,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with exit_on_missing_input():
+        main(sys.argv[1:])

@@ -4,9 +4,11 @@
     accelerate launch --config_file recipes/accelerate_configs/zero2.yaml \\
         examples/train_okvqa.py --config recipes/okvqa/plan5.yaml                   # OK-VQA, research plan 5
 
-Every option lives in a dataclass (`--help` lists them all): the data/pool options and the reward backend
-(`trl_icd.pipeline`), the selector architecture, the RCE warm-up, the script switches below, TRL's `ModelConfig`
-(`model_name_or_path` = the selector checkpoint to start from; PEFT options) and `ICDGRPOConfig`.
+Every option lives in a dataclass: the script switches below, the data/pool options and the reward backend
+(`trl_icd.pipeline`), the selector architecture, the RCE warm-up, `ICDGRPOConfig` (TRL's `GRPOConfig` plus the
+advantage and adaptive-KL settings) and TRL's `ModelConfig` (`model_name_or_path` = the selector checkpoint to start
+from; PEFT options). `--help` describes the project's options and lists TRL's/transformers' by name; `--help_all`
+describes them all.
 
 The KL reference policy is the policy this run starts from (after the warm-up, or the loaded checkpoint): it is
 saved to `<output_dir>/start_policy` and GRPO loads its reference from there. A resumed run keeps that saved start
@@ -22,9 +24,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from trl import ModelConfig, TrlParser
+from trl import ModelConfig
 
 from trl_icd import ICDGRPOConfig
+from trl_icd.cli import ICDArgumentParser
+from trl_icd.console import ConsoleArguments, install_console, print_output_listing
+from trl_icd.heldout import HeldoutArguments, add_heldout_callback
 from trl_icd.pipeline import (
     DataArguments,
     RCEArguments,
@@ -33,6 +38,7 @@ from trl_icd.pipeline import (
     build_pools,
     build_reward,
     build_selector_training_dataset,
+    check_data_paths,
     load_data,
     load_or_build_selector,
     run_demo_evaluation,
@@ -40,6 +46,7 @@ from trl_icd.pipeline import (
     save_policy,
     training_query_ids,
 )
+from trl_icd.sources import check_pretrained_path, exit_on_missing_input, require_local
 
 logger = logging.getLogger("train_okvqa")
 
@@ -60,9 +67,11 @@ class TrainScriptArguments:
     )
 
 
-def make_parser() -> TrlParser:
-    return TrlParser(
-        (TrainScriptArguments, DataArguments, RewardArguments, SelectorArguments, RCEArguments, ICDGRPOConfig, ModelConfig)
+def make_parser() -> ICDArgumentParser:
+    return ICDArgumentParser(
+        (TrainScriptArguments, DataArguments, RewardArguments, SelectorArguments, RCEArguments, ICDGRPOConfig, ModelConfig,
+         ConsoleArguments, HeldoutArguments),
+        description=__doc__,
     )
 
 
@@ -79,15 +88,21 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the pipeline; returns where things went (`output_dir`, `start_policy`, `reference_policy`, ...) and, with
     `--evaluate`, the evaluation results."""
     started = time.perf_counter()
-    script_args, data_args, reward_args, selector_args, rce_args, training_args, model_args = (
-        make_parser().parse_args_and_config(argv)
-    )
+    (script_args, data_args, reward_args, selector_args, rce_args, training_args, model_args, console_args,
+     heldout_args) = make_parser().parse_args_and_config(argv)
     logging.basicConfig(
         level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
     )
-    os.makedirs(training_args.output_dir, exist_ok=True)
     resume = _resume_target(training_args)
+    # Inputs first, before anything is written: a missing file fails in seconds and leaves no empty output folder.
+    check_data_paths(data_args)
+    if model_args.model_name_or_path:
+        check_pretrained_path(model_args.model_name_or_path, "selector checkpoint (model_name_or_path)")
+    if rce_args.rce_data_path:
+        require_local(rce_args.rce_data_path, "RCE data (rce_data_path)", expect="file",
+                      hint="Score it first: python examples/generate_rl_data.py --config <recipe> --output_file "
+                           f"{rce_args.rce_data_path}")
 
     data = load_data(data_args)
     query_ids = training_query_ids(data, data_args)
@@ -129,6 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
             processing_class=tokenizer,
             peft_config=get_peft_config(model_args),
         )
+        run["metrics_file"] = install_console(trainer, console_args)
+        add_heldout_callback(trainer, heldout_args, data, data_args, reward_args, tokenizer, reward.backend)
         trainer.train(resume_from_checkpoint=resume)
         model = save_trained_selector(trainer, tokenizer, training_args)
         log_history = trainer.state.log_history
@@ -148,6 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(run["eval_results"], indent=2))
     if training_args.process_index == 0:
         write_run_summary(training_args.output_dir, run, time.perf_counter() - started)
+        # Every file the run wrote, listed last so it is what a person sees.
+        run["outputs"] = print_output_listing(training_args.output_dir)
     return run
 
 
@@ -197,4 +216,5 @@ def wait_for_main_process() -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with exit_on_missing_input():
+        main(sys.argv[1:])

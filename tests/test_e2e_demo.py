@@ -4,6 +4,8 @@ beats random demonstrations and the policy it started from on held-out queries, 
 import json
 from pathlib import Path
 
+import pytest
+
 from e2e_scripts import ROOT, load_script
 
 
@@ -26,7 +28,7 @@ def start_policy_accuracy(start_dir, out) -> float:
     return float(np.mean(pipeline.score_selections(reward, data.eval_ids, picks)))
 
 
-def test_short_demo_learns(tmp_path):
+def test_short_demo_learns(tmp_path, capsys):
     out = tmp_path / "demo"
     run = load_script("train_okvqa").main(
         [
@@ -50,6 +52,16 @@ def test_short_demo_learns(tmp_path):
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["eval_results"] == results and summary["training_cost"]["reward_calls/sent"] > 0
     assert Path(run["start_policy"]).is_dir()
+    # The console: compact lines, no metric dicts, and where everything went; every log in metrics.jsonl, with the
+    # held-out accuracy at step 0 and every 100 steps, its last value the end-of-run greedy selector's.
+    printed = capsys.readouterr().out
+    assert "| reward " in printed and "{'loss'" not in printed and "Outputs written to" in printed
+    assert {"trained selector", "metrics of every log", "evaluation", "plots"} <= set(run["outputs"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    heldout = [r for r in rows if "heldout/accuracy" in r]
+    assert [r["step"] for r in heldout] == [0, 100, 200, 300, 400]
+    assert heldout[-1]["heldout/accuracy"] == pytest.approx(results["selector"])
+    assert [r["step"] for r in rows if "reward" in r] == list(range(20, 401, 20))
 
 
 def test_lora_run_saves_a_loadable_merged_selector(tmp_path):

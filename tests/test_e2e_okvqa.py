@@ -101,6 +101,9 @@ def test_train_rce_grpo_checkpoint_and_resume(okvqa):
     # Resuming neither re-ran the warm-up nor moved the reference.
     assert sha(start / "model.safetensors") == start_hash
     assert resumed["reference_policy"] == str(start)
+    # metrics.jsonl of the resumed run: the lines up to the checkpoint kept, then the new step (no duplicates).
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "reward" in r] == [1, 2, 3]
 
     # The evaluation script on the fixture's val split: table, JSON, plot; the selector next to every baseline.
     evaluated = load_script("evaluate_okvqa").main(
@@ -111,6 +114,8 @@ def test_train_rce_grpo_checkpoint_and_resume(okvqa):
     for method in ("zero_shot", "random", "image_sim", "text_sim", "grpo"):
         assert f"| {method} |" in table
     assert "Best baseline" in table  # the paired comparison section
+    assert "grpo choosing its own number of demonstrations (greedy): " in table
+    assert 1 <= json.loads((root / "eval" / "results.json").read_text())["meta"]["own_choice"]["grpo"]["mean_shots"] <= 2
     assert (root / "eval" / "accuracy_vs_shots.png").stat().st_size > 0
     saved = json.loads((root / "eval" / "results.json").read_text())
     assert len(saved["query_ids"]) == 6  # all val questions of the fixture

@@ -20,7 +20,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -432,94 +432,9 @@ def markdown_comparison_table(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Plots (Agg canvas on a private Figure: no pyplot state, safe in scripts, tests and notebooks alike).
+# Plots live in `trl_icd.plots`; their names stay importable from here.
 
-
-def _new_figure(width: float, height: float, ncols: int = 1):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(1, ncols, squeeze=False)[0]
-    return figure, axes
-
-
-def plot_accuracy_vs_shots(
-    results: EvaluationResults,
-    path: str | os.PathLike,
-    methods: Sequence[str] | None = None,
-    scale: float = 100.0,
-    title: str | None = None,
-) -> Path:
-    """Accuracy (with CI error bars) against the number of shots, one line per method; written as PNG."""
-    methods = list(methods) if methods is not None else results.methods
-    if not methods:
-        raise ValueError("no methods to plot")
-    figure, (axis,) = _new_figure(6.0, 4.0)
-    for method in methods:
-        shots = sorted(results.per_query.get(method, {}))
-        if not shots:
-            logger.warning("no results for %r; left out of the plot", method)
-            continue
-        intervals = [results.interval(method, s) for s in shots]
-        means = np.array([i.mean for i in intervals]) * scale
-        errors = np.array([[i.mean - i.low, i.high - i.mean] for i in intervals]).T * scale
-        errors = np.nan_to_num(errors)
-        axis.errorbar(shots, means, yerr=errors, marker="o", capsize=3, label=method)
-    axis.set_xlabel("shots (demonstrations)")
-    axis.set_ylabel("accuracy (%)" if scale == 100 else "accuracy")
-    axis.set_xticks(results.shots)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize="small")
-    axis.set_title(title or f"accuracy vs shots ({results.level:.0%} CI)")
-    return _save(figure, path)
-
-
-DEFAULT_CURVES = (
-    ("reward", "reward"),
-    ("advantages/std", "advantage std"),
-    ("frac_reward_zero_std", "zero-std group fraction"),
-)
-
-
-def plot_training_curves(
-    log_history: Sequence[Mapping],
-    path: str | os.PathLike,
-    curves: Sequence[tuple[str, str]] = DEFAULT_CURVES,
-    title: str | None = None,
-) -> Path:
-    """One panel per (log key, label) of `curves` against the step, from a Trainer's `state.log_history`
-    (entries without the key, e.g. the final summary, are skipped). Keys never logged are left out (and logged);
-    none at all raises."""
-    present = []
-    for key, label in curves:
-        points = [(entry.get("step", n), entry[key]) for n, entry in enumerate(log_history) if key in entry]
-        points = [(s, v) for s, v in points if v is not None and math.isfinite(float(v))]
-        if points:
-            present.append((key, label, points))
-        else:
-            logger.warning("%r was never logged; its panel is left out", key)
-    if not present:
-        raise ValueError(f"none of {[k for k, _ in curves]} is in the log history")
-    figure, axes = _new_figure(4.0 * len(present), 3.2, ncols=len(present))
-    for axis, (key, label, points) in zip(axes, present, strict=True):
-        steps, values = zip(*points, strict=True)
-        axis.plot(steps, values, marker="." if len(points) < 50 else None)
-        axis.set_xlabel("step")
-        axis.set_title(label)
-        axis.grid(alpha=0.3)
-    if title:
-        figure.suptitle(title)
-    figure.tight_layout()
-    return _save(figure, path)
-
-
-def _save(figure, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png")
-    return path
+from .plots import DEFAULT_CURVES, plot_accuracy_vs_shots, plot_training_curves  # noqa: E402
 
 
 __all__ = [

@@ -194,13 +194,13 @@ class RCEArguments:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def parse_script_arguments(dataclass_types, argv=None) -> list:
-    """Parse `argv` (and `--config recipe.yaml`) into `dataclass_types` with `TrlParser`. A training recipe may be
-    passed as the config of the RL-data or evaluation script: its training-only keys are ignored there, while an
-    unknown command-line flag is still an error."""
-    from trl import TrlParser
+def parse_script_arguments(dataclass_types, argv=None, description: str | None = None) -> list:
+    """Parse `argv` (and `--config recipe.yaml`) into `dataclass_types` with `TrlParser` (grouped help:
+    `trl_icd.cli.ICDArgumentParser`). A training recipe may be passed as the config of the RL-data or evaluation
+    script: its training-only keys are ignored there, while an unknown command-line flag is still an error."""
+    from .cli import ICDArgumentParser
 
-    parser = TrlParser(tuple(dataclass_types))
+    parser = ICDArgumentParser(tuple(dataclass_types), description=description)
     *parsed, _, unknown_cli = parser.parse_args_and_config(
         argv, return_remaining_strings=True, separate_remaining_strings=True
     )
@@ -274,7 +274,25 @@ def load_features(args: DataArguments, corpus):
     return aligned
 
 
+def check_data_paths(args: DataArguments) -> None:
+    """Fail at once on a missing local input, before anything is read: the dataset folder (a string that can only be
+    a path, or whose first component is a local folder; see `trl_icd.sources`) and the feature table."""
+    from .sources import require_local, resolve_source
+
+    if args.dataset != "demo":
+        from .data.downloads import DISPLAY_NAMES, download_instructions
+        from .data.okvqa import HUB_PRESETS
+
+        resolve_source(args.dataset_path, f"{DISPLAY_NAMES[args.dataset]} data folder (dataset_path)",
+                       hint=download_instructions(args.dataset, args.dataset_path), known_hub_ids=HUB_PRESETS)
+    if args.features_path:
+        require_local(args.features_path, "feature table (features_path)",
+                      hint="Export it once with examples/export_features.py --source <dataset_path> --output_dir "
+                           f"{args.features_path} (README: OK-VQA step 2).")
+
+
 def load_data(args: DataArguments) -> DataBundle:
+    check_data_paths(args)
     corpus, world = load_corpus(args)
     features = load_features(args, corpus)
     train_ids = corpus.ids_in_split(args.train_split)
@@ -641,7 +659,13 @@ def run_demo_evaluation(model, tokenizer, data: DataBundle, data_args: DataArgum
     with open(os.path.join(output_dir, "eval_table.md"), "w") as f:
         f.write(table + "\n")
     print(table)
-    plot_accuracy_vs_shots(results, os.path.join(output_dir, "accuracy_vs_shots.png"))
+    plot_accuracy_vs_shots(
+        results, os.path.join(output_dir, "accuracy_vs_shots.png"), reference=["oracle (pool)"],
+        own_choice={"selector": (own_accuracy, results.meta["selector_mean_shots"])},
+        labels={"oracle (pool)": f"Oracle: best {min_shots}-{max_shots} demonstrations from the selector's pool"},
+        dataset="Demo world, held-out queries",
+    )
     if log_history:
-        plot_training_curves(log_history, os.path.join(output_dir, "training_curves.png"))
+        plot_training_curves(log_history, os.path.join(output_dir, "training_curves.png"),
+                             title="Demo world: GRPO training of the selector")
     return summary

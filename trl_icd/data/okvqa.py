@@ -20,7 +20,6 @@ import functools
 import json
 import logging
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,24 +191,47 @@ def _check_splits(splits: str | Iterable[str]) -> list[str]:
     return splits
 
 
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+def _check_local_files(root: Path, splits: Sequence[str], image_root: Path, layout: VQAFileLayout, name: str) -> None:
+    """Every file and image folder the splits need, all missing ones listed at once with how to get them."""
+    from .downloads import download_instructions
+
+    needed = []
+    for split in splits:
+        needed += [root / layout.questions.format(split=split), root / layout.annotations.format(split=split),
+                   image_root / layout.image_dir.format(split=split)]
+    missing = [p for p in needed if not p.exists()]
+    if missing:
+        from ..sources import SourceNotFoundError
+
+        raise SourceNotFoundError(
+            f"{root}: missing {len(missing)} of the {len(needed)} files/folders of {name} ({', '.join(splits)}): "
+            + ", ".join(str(p) for p in missing) + "\n" + download_instructions(name, str(root))
+        )
 
 
-def _is_local(source: str | os.PathLike) -> bool:
-    if Path(source).exists():
-        return True
-    if isinstance(source, str) and _HUB_ID.match(source) and not source.startswith("."):
-        return False
-    raise FileNotFoundError(f"{source!r} is neither an existing folder nor a Hub dataset id ('owner/name')")
+def _load_folder_or_hub(source, splits, image_root, layout, on_mismatch, hub_kwargs, name: str) -> Corpus:
+    """The official files in the folder `source` (file names from `layout`), else the Hub dataset `source`; which of
+    the two a string means is decided by `trl_icd.sources.resolve_source`."""
+    from ..sources import SourceNotFoundError, hub_failure_message, resolve_source
+    from .downloads import DISPLAY_NAMES, download_instructions
 
-
-def _load_folder_or_hub(source, splits, image_root, layout, on_mismatch, hub_kwargs) -> Corpus:
-    """The official files in the folder `source` (file names from `layout`), else the Hub dataset `source`."""
-    if _is_local(source):
+    what = f"{DISPLAY_NAMES[name]} data folder"
+    hint = download_instructions(name, os.fspath(source))
+    resolved = resolve_source(source, what, hint=hint, known_hub_ids=HUB_PRESETS)
+    if resolved.is_local:
         if hub_kwargs:
             raise TypeError(f"Hub options {sorted(hub_kwargs)} given for the local folder {source}")
-        return _load_local(source, splits, image_root, layout, on_mismatch)
-    return load_vqa_hub(source, splits=splits, **hub_kwargs)
+        splits = _check_splits(splits)
+        root = Path(resolved.value)
+        _check_local_files(root, splits, Path(image_root) if image_root is not None else root, layout, name)
+        return _load_local(root, splits, image_root, layout, on_mismatch)
+    try:
+        return load_vqa_hub(resolved.value, splits=splits, **hub_kwargs)
+    except OSError as error:  # ConnectionError, DatasetNotFoundError (a FileNotFoundError), HTTP errors
+        if not resolved.ambiguous:
+            raise
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        raise SourceNotFoundError(hub_failure_message(resolved.value, what, reason, hint=hint)) from error
 
 
 def load_okvqa(
@@ -221,7 +243,7 @@ def load_okvqa(
 ) -> Corpus:
     """OK-VQA: `source` is a folder with the official files (see module docstring) or a Hub dataset id
     (`hub_kwargs` go to `load_vqa_hub`; `splits` are then our split names, mapped by the preset or `split_map`)."""
-    return _load_folder_or_hub(source, splits, image_root, OKVQA_LAYOUT, on_mismatch, hub_kwargs)
+    return _load_folder_or_hub(source, splits, image_root, OKVQA_LAYOUT, on_mismatch, hub_kwargs, "okvqa")
 
 
 def load_vqav2(
@@ -232,7 +254,7 @@ def load_vqav2(
     **hub_kwargs,
 ) -> Corpus:
     """VQAv2, like `load_okvqa` but with the `v2_`-prefixed official file names."""
-    return _load_folder_or_hub(source, splits, image_root, VQAV2_LAYOUT, on_mismatch, hub_kwargs)
+    return _load_folder_or_hub(source, splits, image_root, VQAV2_LAYOUT, on_mismatch, hub_kwargs, "vqav2")
 
 
 # ---------------------------------------------------------------------------------------------------------------
