@@ -12,8 +12,8 @@ per-query pool for every validation question, never one fixed pool for all. All 
 `--limit N` (then the first N in question-id order: a quick check, not a result to report).
 
 A selector reads whatever feature table the data options give, as long as it comes from the featuriser it was
-trained with (another featuriser is refused, naming both): evaluate it, unchanged, on another split or corpus by
-overriding the data options, e.g. a selector trained on OK-VQA on VQAv2 val:
+trained with (another featuriser is refused, naming both). To evaluate it, unchanged, on another split or corpus,
+override the data options; a selector trained on OK-VQA, evaluated on VQAv2 val, for example.
 
     python examples/evaluate_okvqa.py --config recipes/okvqa/plan5.yaml --selectors outputs/okvqa/plan5 \
         --dataset vqav2 --dataset_path data/vqav2 --features_path data/vqav2/clip_features --results_dir eval/vqav2
