@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from trl import ModelConfig, TrlParser
 
 from trl_icd import ICDGRPOConfig
+from trl_icd.diagnose import write_run_log
 from trl_icd.pipeline import (
     DataArguments,
     RCEArguments,
@@ -129,6 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
         )
         trainer.train(resume_from_checkpoint=resume)
         model = save_trained_selector(trainer, tokenizer, training_args)
+        if training_args.process_index == 0:  # for `python -m trl_icd.diagnose OUTPUT_DIR`
+            write_run_log(trainer, training_args.output_dir, training_args, data_args, reward_args, rce_args)
         log_history = trainer.state.log_history
         run["global_step"] = trainer.state.global_step
         if trainer.ref_model is not None:

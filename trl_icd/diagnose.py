@@ -195,7 +195,7 @@ def load_run(output_dir: str, config: str | Mapping | None = None) -> RunLog:
         settings, settings_source = _flat_settings(summary), summary_path
     if config is not None:
         settings.update(_read_config(config))
-        settings_source = config if isinstance(config, str) else "given settings"
+        settings_source = config if isinstance(config, str) else "the settings passed in"
     return RunLog(output_dir, history, source, settings, settings_source, summary, finished)
 
 
@@ -434,9 +434,13 @@ def diagnose(run: RunLog) -> Diagnosis:
             predicted = math.sqrt(contrast * m2)
             residual = adv_std / predicted if predicted > 0 else None
             parts.append(f"predicted ≈ {_fmt(predicted)}, logged/predicted = {_fmt(residual, 2)}")
-            if residual is not None and residual < 0.7 and mode == "rank":
+            if residual is not None and residual < 0.8 and mode == "rank":
                 factors["ties within groups"] = residual
                 parts.append("the rest are ties (rank advantages of binary rewards are smaller than of distinct ones)")
+            elif residual is not None and residual < 0.8 and mode == "zscore" and min_std:
+                factors["the min_std floor"] = min(factors.get("the min_std floor", 1.0), residual)
+                parts.append("the rest is the floor binding in part of the groups: their reward spread is below "
+                             "advantage_min_std although the average spread is not (mixed near-ties and flips)")
         clipped = clip is not None and a["advantages/max_abs"] is not None and a["advantages/max_abs"] >= 0.999 * clip
         if clipped:
             parts.append(f"advantages/max_abs reached advantage_clip = {_fmt(clip)}: clipping is active")
@@ -453,7 +457,10 @@ def diagnose(run: RunLog) -> Diagnosis:
 
     # 3. The KL term.
     kl_dominates = False
-    if a["kl_term"] is not None:
+    no_kl = not any("kl" in e for e in run.history) and not s.get("beta")
+    if no_kl:
+        findings.append(Finding("kl", "No KL term (beta = 0: TRL logs no kl and loads no reference model)."))
+    elif a["kl_term"] is not None:
         share, grad_share = a["kl_share_of_loss"], a["kl_share_of_gradient_weight"]
         beta_text = (f"kl_beta averaged {_fmt(a['kl_beta'])}" if a["kl_beta"] is not None
                      else f"beta = {_fmt(s.get('beta'))}")
@@ -471,14 +478,15 @@ def diagnose(run: RunLog) -> Diagnosis:
                      "a sign of a reference policy far from the one being trained.")
             kl_dominates = True
         findings.append(Finding("kl", text))
-    elif not any("kl" in e for e in run.history):
-        findings.append(Finding("kl", "No KL term (beta = 0: TRL logs no kl and loads no reference model)."))
+    else:
+        findings.append(Finding("kl", f"kl = {_fmt(a['kl'])} was logged but beta is unknown (pass --config): the KL "
+                                      "term's share cannot be computed."))
 
     # 4. Movement and the bottleneck.
     trend = a["reward/trend"]
     ent0, ent1 = a["entropy/first_quarter"], a["entropy/last_quarter"]
     moved_entropy = ent0 is not None and ent1 is not None and abs(ent1 - ent0) > 0.05 * max(abs(ent0), 1e-6)
-    moved_kl = (a["kl/last_quarter"] or 0.0) > 0.01
+    moved_kl = (a["kl"] or 0.0) > 0.01
     rising = trend is not None and trend["low"] > 0
     movement = []
     if trend is not None:
@@ -493,12 +501,13 @@ def diagnose(run: RunLog) -> Diagnosis:
         movement.append(f"learning rate {_fmt(lr)}")
     findings.append(Finding("movement", "Policy movement: " + (", ".join(movement) or "nothing logged") + "."))
 
-    weak_signal = contrast is not None and (contrast < 0.2 or cause in ("flat groups", "the min_std floor",
+    weak_signal = contrast is not None and (contrast < 0.5 or cause in ("flat groups", "the min_std floor",
                                                                          "the reward scale"))
     if weak_signal:
         bottleneck = "signal"
         findings.append(Finding("bottleneck", (
-            "Bottleneck: the signal. Few rows carry a usable advantage, so the gradient is mostly noise"
+            f"Bottleneck: the signal. {'Most groups are flat' if contrast < 0.5 else 'The advantages are muted'}: "
+            "few rows carry a usable advantage, so much of the gradient is noise"
             + (" and the KL pull" if a["kl_term"] else "")
             + ". Adam moves the weights by about the learning rate per step whatever the gradient's size, so a "
               "higher learning rate moves them faster in the same (uninformative) direction: it scales a signal, it "
@@ -523,7 +532,8 @@ def diagnose(run: RunLog) -> Diagnosis:
     reward_mode = s.get("reward_mode")
     if contrast is not None and contrast < 0.9:
         missing = 1.0 - contrast
-        if reward_mode not in ("hard_plus_gtprob_plus_rel", "hard01_plus_gtprob"):
+        if reward_mode not in ("hard_plus_gtprob_plus_rel", "hard01_plus_gtprob") and (
+                missing >= 0.3 or bottleneck == "signal"):
             recs.append(Recommendation(
                 "reward_mode", "hard_plus_gtprob_plus_rel (hard_weight 1, soft_weight 0.5, rel_weight 0.3)",
                 f"{100 * missing:.0f}% of groups are flat under {reward_mode or 'the current reward'}; the gold-answer "
