@@ -99,7 +99,7 @@ def test_min_std_floor_explains_a_small_std_despite_contrast(tmp_path):
     rng = np.random.default_rng(2)
     history = _history(rng, 20, lambda r, s: _entry(s, _groups(r, 0.9, spread=6e-3), loss=1e-4, entropy=2.0))
     result = diagnose(load_run(_write_run(tmp_path / "run", history, SETTINGS)))
-    assert result.cause_of_small_std == "the min_std floor" and result.bottleneck == "signal"
+    assert result.cause_of_small_std == "the min_std floor" and result.bottleneck == "signal + update size"
     assert result.recommendations[0].option == "advantage_min_std"
     floor = next(f for f in result.findings if f.key == "advantage_std").text
     assert "the floor binds" in floor and "logged/predicted = 1.0" in floor  # the decomposition explains the value
@@ -132,7 +132,7 @@ def test_update_size_when_the_signal_is_healthy_but_nothing_moves(tmp_path):
     history = _history(rng, 20, lambda r, s: _entry(s, _groups(r, 0.95, base=1.0), kl=1e-7, loss=4e-9,
                                                    entropy=2.0, learning_rate=1e-9))
     result = diagnose(load_run(_write_run(tmp_path / "run", history, settings)))
-    assert result.bottleneck == "update_size"
+    assert result.bottleneck == "update size"
     assert result.recommendations[0].option == "learning_rate" and "×10" in result.recommendations[0].action
 
 
@@ -190,7 +190,7 @@ def test_command_line(tmp_path, capsys):
     main([str(run)])
     assert "Reward contrast: 50.0% of groups" in capsys.readouterr().out
     main([str(run), "--json"])
-    assert json.loads(capsys.readouterr().out)["bottleneck"] in ("none", "update_size")
+    assert json.loads(capsys.readouterr().out)["bottleneck"] in ("none", "update size")
 
 
 def test_real_demo_run(tmp_path):

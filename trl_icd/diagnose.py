@@ -363,7 +363,7 @@ class Diagnosis:
     settings: dict
     findings: list[Finding]
     recommendations: list[Recommendation]
-    bottleneck: str  # "signal", "kl", "update_size", "none" or "unknown"
+    bottleneck: str  # "signal", "signal + update size", "kl", "update size", "none" or "unknown"
     cause_of_small_std: str | None
 
     def to_dict(self) -> dict:
@@ -503,21 +503,25 @@ def diagnose(run: RunLog) -> Diagnosis:
 
     weak_signal = contrast is not None and (contrast < 0.5 or cause in ("flat groups", "the min_std floor",
                                                                          "the reward scale"))
+    still = contrast is not None and not (moved_entropy or moved_kl or rising)
     if weak_signal:
-        bottleneck = "signal"
+        bottleneck = "signal + update size" if still else "signal"
         findings.append(Finding("bottleneck", (
             f"Bottleneck: the signal. {'Most groups are flat' if contrast < 0.5 else 'The advantages are muted'}: "
             "few rows carry a usable advantage, so much of the gradient is noise"
             + (" and the KL pull" if a["kl_term"] else "")
             + ". Adam moves the weights by about the learning rate per step whatever the gradient's size, so a "
               "higher learning rate moves them faster in the same (uninformative) direction: it scales a signal, it "
-              "cannot create one.")))
+              "cannot create one."
+            + (" The policy did not move at all either (entropy, KL and reward flat): at this learning rate the "
+               "update size limits it too, so a larger one would show the signal's direction, not create more "
+               "signal." if still else ""))))
     elif kl_dominates:
         bottleneck = "kl"
         findings.append(Finding("bottleneck", "Bottleneck: the KL term outweighs the advantages in the update; the "
                                               "policy is held near its reference."))
-    elif contrast is not None and not (moved_entropy or moved_kl or rising):
-        bottleneck = "update_size"
+    elif still:
+        bottleneck = "update size"
         findings.append(Finding("bottleneck", "Bottleneck: the update size. The groups have contrast and the "
                                               "advantages are healthy, yet entropy, KL and reward stay flat."))
     elif contrast is not None:
@@ -559,10 +563,14 @@ def diagnose(run: RunLog) -> Diagnosis:
     if kl_dominates:
         recs.append(Recommendation("beta / adaptive_kl", "beta 0 (or much smaller), adaptive_kl false",
                                    "the KL term outweighs the advantages in the update", 3.8))
-    if bottleneck == "update_size":
+    if bottleneck == "update size":
         recs.append(Recommendation("learning_rate", f"×10 (from {_fmt(lr)})",
                                    "the signal is healthy but the policy does not move", 5.0))
-    elif bottleneck == "signal" and lr is not None:
+    elif bottleneck == "signal + update size":
+        recs.append(Recommendation("learning_rate", f"×10 (from {_fmt(lr)}) once the groups have contrast",
+                                   "nothing moved at this learning rate, but without contrast a larger step moves "
+                                   "the policy in an uninformative direction", 0.5))
+    elif bottleneck.startswith("signal") and lr is not None:
         recs.append(Recommendation("learning_rate", "leave it until the signal is fixed",
                                    "a higher learning rate scales the noise and the KL pull as much as the signal",
                                    0.1))
@@ -578,8 +586,9 @@ def format_diagnosis(diagnosis: Diagnosis) -> str:
         lines += [f"{n}. `{r.option}`: {r.action} — {r.why}." for n, r in enumerate(diagnosis.recommendations, 1)]
     a = diagnosis.averages
     lines += ["", "Averages over the run: " + ", ".join(
-        f"{k} {_fmt(a[k])}" for k in ("advantages/std", "policy_loss_abs", "kl_share_of_loss",
-                                      "rewards/within_group_std", "frac_reward_zero_std", "reward_calls")
+        f"{k} {_fmt(a[k]) if k != 'reward_calls' else format(a[k], ',.0f')}"
+        for k in ("advantages/std", "policy_loss_abs", "kl_share_of_loss", "rewards/within_group_std",
+                  "frac_reward_zero_std", "reward_calls")
         if a.get(k) is not None)]
     return "\n".join(lines)
 

@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,7 +65,7 @@ WARMUP_KEYS = ("rce_num_train_epochs", "rce_learning_rate", "rce_temperature_sta
 
 DIAGNOSTIC_COLUMNS = (
     ("advantages/std", "adv. std"),
-    ("policy_loss_abs", "|policy loss|"),
+    ("policy_loss_abs", "abs. policy loss"),
     ("kl_share_of_loss", "KL share of loss"),
     ("rewards/within_group_std", "within-group reward std"),
     ("frac_reward_zero_std", "flat groups"),
@@ -394,7 +395,9 @@ def diagnostics_table(diagnostics: Mapping[str, Mapping]) -> str:
                 cells.append(f"{100 * value:.0f}%")
             else:
                 cells.append(f"{value:.3g}")
-        verdict = ", ".join(sorted(set(diag["bottlenecks"])))
+        runs = len(diag["bottlenecks"])
+        verdict = ", ".join(f"{b} ({n}/{runs})" if n < runs else b
+                            for b, n in Counter(diag["bottlenecks"]).most_common())
         cause = ", ".join(sorted({c for c in diag["causes"] if c}))
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {verdict}{f' ({cause})' if cause else ''} |")
     return "\n".join(lines)
