@@ -4,6 +4,8 @@ held-out demo queries, per shot count, with 95% confidence intervals, plus the c
     python benchmarks/demo_world_baselines.py                        # K=32 "mix" pools, shots 0-4
     python benchmarks/demo_world_baselines.py --pool_method image_sim --k 16
     python benchmarks/demo_world_baselines.py --probe                # + a supervised match-scorer (learnability)
+    python benchmarks/demo_world_baselines.py --preset okvqa_like --calibration --num_eval 1500 --seed 1
+                                        # the OK-VQA-like regime: its calibration figures next to the published ones
 
 Methods (s = shots; retrieved demonstrations are placed most-similar-last, next to the query):
 - random: s items drawn uniformly from the training split (as the evaluation script does); random (pool): from the
@@ -31,6 +33,7 @@ import time
 import numpy as np
 
 from trl_icd.data.demo import build_demo_world
+from trl_icd.data.demo_calibration import calibration_table, measure_regime
 from trl_icd.data.features import fallback_features
 from trl_icd.data.samplers import sample_candidate_pools
 from trl_icd.evaluation import EvaluationResults, markdown_comparison_table, markdown_table, plot_accuracy_vs_shots
@@ -41,7 +44,10 @@ from trl_icd.rewards.simulated import SimulatedBackend, relation
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num_train", type=int, default=1200)
+    parser.add_argument("--preset", default="default", help="demo world regime (trl_icd.data.demo.DEMO_PRESETS)")
+    parser.add_argument("--calibration", action="store_true",
+                        help="also measure the regime's calibration figures (trl_icd.data.demo_calibration)")
+    parser.add_argument("--num_train", type=int, default=None, help="training items (default: the preset's)")
     parser.add_argument("--num_eval", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--k", type=int, default=32, help="candidate pool size")
@@ -96,7 +102,8 @@ def main(argv=None) -> EvaluationResults:
     logging.basicConfig(level=logging.WARNING)
     timings = {}
     start = time.perf_counter()
-    world = build_demo_world(num_train=args.num_train, num_eval=args.num_eval, num_test=0, seed=args.seed)
+    sizes = {"num_train": args.num_train} if args.num_train else {}
+    world = build_demo_world(preset=args.preset, num_eval=args.num_eval, num_test=0, seed=args.seed, **sizes)
     timings["build world"] = time.perf_counter() - start
     corpus = world.corpus
     start = time.perf_counter()
@@ -107,7 +114,7 @@ def main(argv=None) -> EvaluationResults:
     pools = sample_candidate_pools(corpus, features, queries, train, args.k, method=args.pool_method, seed=args.seed,
                                    show_progress=False)
     timings["pools (eval queries)"] = time.perf_counter() - start
-    backend = SimulatedBackend()
+    backend = SimulatedBackend.for_world(world)
     probe = None
     if args.probe:
         start = time.perf_counter()
@@ -156,7 +163,8 @@ def main(argv=None) -> EvaluationResults:
             oracle_calls += 2
 
     results = EvaluationResults(query_ids=list(queries), meta={
-        "num_train": args.num_train, "num_eval": args.num_eval, "seed": args.seed, "k": args.k,
+        "preset": args.preset, "num_train": world.config.num_train, "num_eval": args.num_eval, "seed": args.seed,
+        "k": args.k,
         "pool_method": args.pool_method, "rule": backend.identity["rule"],
     })
     order = ["zero-shot", "random", "random (pool)", "text_sim", "image_sim", "combined_sim", "probe", "match-first",
@@ -173,8 +181,8 @@ def main(argv=None) -> EvaluationResults:
     backend.answer_and_logprob(prompts, gold)
     per_prompt = (time.perf_counter() - begin) / len(prompts)
 
-    print(f"# Demo world baselines: {len(queries)} held-out queries, pools K={args.k} ({args.pool_method}), "
-          f"{args.num_train} training items, seed {args.seed}\n")
+    print(f"# Demo world baselines ({args.preset}): {len(queries)} held-out queries, pools K={args.k} "
+          f"({args.pool_method}), {world.config.num_train} training items, seed {args.seed}\n")
     print(markdown_table(results))
     print()
     print(markdown_comparison_table(results, ["oracle (1..s)"] + (["probe"] if probe else []),
@@ -189,6 +197,13 @@ def main(argv=None) -> EvaluationResults:
     print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items())
           + f"; simulated answer+log-probs {per_prompt * 1e6:.0f} µs/prompt (4-shot); oracle "
           f"{oracle_seconds / max(oracle_calls, 1) * 1e3:.2f} ms/query")
+    if args.calibration:
+        begin = time.perf_counter()
+        figures = measure_regime(world, backend, seed=args.seed)
+        print(f"\n## Calibration against Qwen2.5-VL-3B on OK-VQA ({figures['meta']['queries']} queries, random pools "
+              f"of K={figures['meta']['pool_size']}, {time.perf_counter() - begin:.1f} s)\n")
+        print(calibration_table(figures))
+        results.meta["calibration"] = figures
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
         results.save_json(os.path.join(args.output_dir, "results.json"))

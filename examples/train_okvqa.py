@@ -29,6 +29,7 @@ from trl import ModelConfig
 from trl_icd import ICDGRPOConfig
 from trl_icd.cli import ICDArgumentParser
 from trl_icd.console import ConsoleArguments, install_console, print_output_listing
+from trl_icd.diagnose import write_run_log
 from trl_icd.heldout import HeldoutArguments, add_heldout_callback
 from trl_icd.pipeline import (
     DataArguments,
@@ -148,6 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
         add_heldout_callback(trainer, heldout_args, data, data_args, reward_args, tokenizer, reward.backend)
         trainer.train(resume_from_checkpoint=resume)
         model = save_trained_selector(trainer, tokenizer, training_args)
+        if training_args.process_index == 0:  # for `python -m trl_icd.diagnose OUTPUT_DIR`
+            write_run_log(trainer, training_args.output_dir, training_args, data_args, reward_args, rce_args)
         log_history = trainer.state.log_history
         run["global_step"] = trainer.state.global_step
         run["training_cost"] = trainer.cost_summary()

@@ -43,6 +43,10 @@ class DataArguments:
         default=None, metadata={"help": "Use only the first N training queries (None: all)."}
     )
     demo_seed: int = field(default=0, metadata={"help": "Demo world: seed of the generated world."})
+    demo_preset: str = field(
+        default="default",
+        metadata={"help": "Demo world: regime (`trl_icd.data.demo.DEMO_PRESETS`: 'default', 'okvqa_like')."},
+    )
     demo_num_train: int | None = field(
         default=None, metadata={"help": "Demo world: number of training items (None: the world's default)."}
     )
@@ -222,10 +226,10 @@ class DataBundle:
 
 
 def build_demo_world(args: DataArguments):
-    """The demo world at the world's default difficulty, sized and seeded by `args`."""
+    """The demo world in the regime `args.demo_preset`, sized and seeded by `args`."""
     from .data.demo import build_demo_world as build
 
-    kwargs = {"seed": args.demo_seed}
+    kwargs = {"seed": args.demo_seed, "preset": args.demo_preset}
     if args.demo_num_train is not None:
         kwargs["num_train"] = args.demo_num_train
     if args.demo_num_eval is not None:
@@ -329,7 +333,7 @@ def build_backend(args: RewardArguments, data: DataBundle):
             raise ValueError("reward_backend='simulated' answers demo-world queries only (dataset='demo')")
         from .rewards.simulated import SimulatedBackend
 
-        return SimulatedBackend()
+        return SimulatedBackend.for_world(data.world)
     # The same generation settings for both model backends, so their scores are comparable.
     generation = {"max_new_tokens": args.reward_max_new_tokens, "num_beams": args.reward_num_beams,
                   "length_penalty": args.reward_length_penalty, "max_pixels": args.reward_max_pixels}

@@ -25,8 +25,10 @@ Hidden ground truth lives in `CorpusItem.meta`: ``concept``, ``shape``, ``colour
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -148,6 +150,27 @@ class DemoWorldConfig:
     )
     shade_jitter: int = field(default=20, metadata={"help": "Largest per-channel shift of the object colour (< 32)."})
     pixel_noise: int = field(default=8, metadata={"help": "Amplitude of per-pixel noise."})
+    known_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "Fraction of knowledge questions whose answer the answerer knows without demonstrations (its "
+            "zero-shot answer is then the right word, held with the readable weight); 0: it never does."
+        },
+    )
+    confidence_median: float = field(
+        default=1.0,
+        metadata={"help": "Median of the per-item factor on the image's vote (how firmly the answerer holds its "
+                          "zero-shot answer)."},
+    )
+    confidence_spread: float = field(
+        default=0.0,
+        metadata={"help": "Log-normal sigma of that per-item factor; 0: every item gets `confidence_median`."},
+    )
+    preset: str = field(
+        default="default",
+        metadata={"help": "The `DEMO_PRESETS` entry these settings start from; it also names the simulator rule "
+                          "(`SimulatedBackend.for_world`)."},
+    )
 
     def __post_init__(self):
         if min(self.num_train, self.num_eval, self.num_test) < 0 or self.num_train == 0:
@@ -172,6 +195,37 @@ class DemoWorldConfig:
             raise ValueError("radius_range must satisfy 0.05 <= low <= high <= 0.4")
         if self.image_size < 16:
             raise ValueError("image_size must be at least 16")
+        if not 0.0 <= self.known_fraction <= 1.0:
+            raise ValueError("known_fraction must be in [0, 1]")
+        if self.confidence_median <= 0 or self.confidence_spread < 0:
+            raise ValueError("confidence_median must be positive and confidence_spread non-negative")
+        if self.preset not in DEMO_PRESETS:
+            raise ValueError(f"unknown demo preset {self.preset!r}; known: {sorted(DEMO_PRESETS)}")
+
+
+@dataclass(frozen=True)
+class DemoPreset:
+    """A named regime of the demo world: `DemoWorldConfig` overrides and the simulated answerer's `SimulatorRule`
+    overrides that go with them."""
+
+    description: str
+    world: Mapping[str, Any] = field(default_factory=dict)
+    rule: Mapping[str, Any] = field(default_factory=dict)
+
+
+DEMO_PRESETS: Mapping[str, DemoPreset] = MappingProxyType({
+    "default": DemoPreset("Easy by design: relevant demonstrations decide most knowledge questions (docs/demo_world.md)."),
+    "okvqa_like": DemoPreset(
+        "Calibrated to Qwen2.5-VL-3B on OK-VQA (docs/demo_world.md, 'The OK-VQA-like regime'): accuracy with random "
+        "demonstrations falls with the shot count, most queries keep their answer whatever the demonstrations, "
+        "relevant ones rescue a minority.",
+        world={"num_train": 1500, "num_eval": 300, "num_test": 300, "known_fraction": 0.25,
+               "confidence_median": 1.85, "confidence_spread": 0.65},
+        rule={"readable_weight": 7.25, "knowledge_weight": 1.25, "dilution": 6.0, "same_type_weight": 2.4,
+              "same_concept_weight": 3.0, "vote_noise": 0.8},
+    ),
+})
+"""Named regimes (`build_demo_world(preset=...)`, `--demo_preset`)."""
 
 
 @dataclass(frozen=True)
@@ -303,6 +357,11 @@ class DemoWorld:
         q, d = self.corpus[query_id].meta, self.corpus[demo_id].meta
         return q["concept"] == d["concept"] and q["question_type"] == d["question_type"]
 
+    @property
+    def simulator_rule(self) -> dict:
+        """`SimulatorRule` overrides of this world's preset (what `SimulatedBackend.for_world` applies)."""
+        return dict(DEMO_PRESETS[self.config.preset].rule)
+
     def summary(self) -> dict:
         return {
             "config": asdict(self.config),
@@ -328,6 +387,7 @@ def _make_record(
     knowledge: dict[str, dict[str, str]],
     type_probabilities: dict[str, float],
     rng: np.random.Generator,
+    prior_rng: np.random.Generator,
 ) -> dict:
     shape = shapes[int(rng.integers(len(shapes)))]
     colour = colours[int(rng.integers(len(colours)))]
@@ -370,6 +430,13 @@ def _make_record(
         noise=config.pixel_noise,
         noise_seed=int(rng.integers(2**31)),
     )
+    # The answerer's prior on this item, from its own stream so the rest of the world does not depend on it.
+    known = question_type in KNOWLEDGE_TYPES and bool(prior_rng.random() < config.known_fraction)
+    confidence = config.confidence_median * float(np.exp(config.confidence_spread * prior_rng.standard_normal()))
+    if question_type in READABLE_TYPES or known:
+        zero_shot_answer = canonical
+    else:
+        zero_shot_answer = shape
     return {
         "id": item_id,
         "image_id": item_id,
@@ -383,24 +450,36 @@ def _make_record(
         "question_type": question_type,
         "answer_source": "image" if question_type in READABLE_TYPES else "knowledge",
         # With no demonstrations the answerer reads what it can: the true colour / shape, and for a knowledge
-        # question it names the shape it sees (wrong, but credited by the annotators who did the same).
-        "zero_shot_answer": canonical if question_type in READABLE_TYPES else shape,
+        # question it does not know, it names the shape it sees (wrong, but credited by the annotators who did the
+        # same).
+        "zero_shot_answer": zero_shot_answer,
+        "known": known,
+        "confidence": confidence,
         "template": template_index,
         "core_question": core,
         "render": {k: v for k, v in asdict(spec).items() if k not in ("shape", "size")},
     }
 
 
-def build_demo_world(config: DemoWorldConfig | None = None, **overrides) -> DemoWorld:
+def build_demo_world(config: DemoWorldConfig | None = None, preset: str | None = None, **overrides) -> DemoWorld:
     """Generate the demo world (`DemoWorldConfig` fields as keyword overrides, e.g. `num_train=600, seed=1`).
 
-    Item ids are ints: train items first, then val, then test. Each item has its own image (`image_id` = id).
+    `preset` (a `DEMO_PRESETS` name, e.g. "okvqa_like") starts from that regime's settings instead of the defaults;
+    keyword overrides still apply on top. Item ids are ints: train items first, then val, then test. Each item has its
+    own image (`image_id` = id).
     """
-    if config is None:
+    if preset is not None:
+        if config is not None:
+            raise ValueError("pass either a DemoWorldConfig or a preset name, not both")
+        if preset not in DEMO_PRESETS:
+            raise ValueError(f"unknown demo preset {preset!r}; known: {sorted(DEMO_PRESETS)}")
+        config = DemoWorldConfig(**{**DEMO_PRESETS[preset].world, "preset": preset, **overrides})
+    elif config is None:
         config = DemoWorldConfig(**overrides)
     elif overrides:
         config = DemoWorldConfig(**{**asdict(config), **overrides})
     rng = np.random.default_rng([config.seed, 0xDE70])
+    prior_rng = np.random.default_rng([config.seed, 0xC0F1])
     shapes = SHAPES[: config.num_shapes]
     colours = tuple(COLOURS)[: config.num_colours]
     concepts = [concept_of(s, c) for s in shapes for c in colours]
@@ -418,7 +497,8 @@ def build_demo_world(config: DemoWorldConfig | None = None, **overrides) -> Demo
     for split, count in splits:
         for _ in range(count):
             records.append(
-                _make_record(len(records), split, config, shapes, colours, knowledge, type_probabilities, rng)
+                _make_record(len(records), split, config, shapes, colours, knowledge, type_probabilities, rng,
+                             prior_rng)
             )
     corpus = Corpus.from_records(records)
     logger.info("demo world: %s", {split: count for split, count in splits})
@@ -427,8 +507,10 @@ def build_demo_world(config: DemoWorldConfig | None = None, **overrides) -> Demo
 
 __all__ = [
     "COLOURS",
+    "DEMO_PRESETS",
     "QUESTION_TYPES",
     "SHAPES",
+    "DemoPreset",
     "DemoWorld",
     "DemoWorldConfig",
     "ShapeImage",

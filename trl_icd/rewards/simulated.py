@@ -41,9 +41,12 @@ running the rule on it. Tests compare it to brute-force enumeration.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from statistics import NormalDist
 from typing import NamedTuple
 
 import numpy as np
@@ -80,6 +83,13 @@ class SimulatorRule:
     dilution: float = field(
         default=2.0, metadata={"help": "The image's vote is scaled by dilution / (dilution + number of demos)."}
     )
+    vote_noise: float = field(
+        default=0.0,
+        metadata={
+            "help": "Log-normal sigma of a fixed per-(query, demonstration) factor on each demonstration's vote: a "
+            "real model reacts to particular demonstrations idiosyncratically (0: votes depend on the relation only)."
+        },
+    )
     smoothing: float = field(default=0.001, metadata={"help": "Support every answer gets in the log-probabilities."})
     vocabulary_size: int = field(default=1000, metadata={"help": "Answers sharing the smoothing mass."})
 
@@ -87,6 +97,8 @@ class SimulatorRule:
         weights = (self.match_weight, self.same_concept_weight, self.same_type_weight, self.unrelated_weight)
         if min(weights) <= 0 or self.readable_weight <= 0 or self.knowledge_weight <= 0 or self.dilution <= 0:
             raise ValueError("all simulator weights and the dilution must be positive")
+        if self.vote_noise < 0:
+            raise ValueError("vote_noise must be non-negative")
         if self.smoothing <= 0 or self.vocabulary_size < 1:
             raise ValueError("smoothing must be positive and vocabulary_size >= 1")
 
@@ -127,6 +139,16 @@ def relation(query: CorpusItem, demo: CorpusItem) -> str:
     return "unrelated"
 
 
+_STANDARD_NORMAL = NormalDist()
+
+
+def pair_normal(query_id, demo_id) -> float:
+    """A standard normal draw fixed by the (query id, demo id) pair: the same pair always gets the same value, in
+    every process and run."""
+    digest = hashlib.blake2b(repr((query_id, demo_id)).encode(), digest_size=8).digest()
+    return _STANDARD_NORMAL.inv_cdf((int.from_bytes(digest, "big") + 0.5) / 2**64)
+
+
 def _default_normalize() -> Callable[[str], str]:
     from ..metrics import normalize_answer
 
@@ -137,20 +159,35 @@ class SimulatedBackend(RewardBackend):
     """The demo world's answerer (rule in the module docstring). Stateless apart from a small memo of normalised
     answers; thread-safe for reading."""
 
-    def __init__(self, rule: SimulatorRule | None = None, **overrides):
+    def __init__(self, rule: SimulatorRule | None = None, world_key: str | None = None, **overrides):
         if rule is None:
             rule = SimulatorRule(**overrides)
         elif overrides:
             rule = SimulatorRule(**{**asdict(rule), **overrides})
         self.rule = rule
+        self.world_key = world_key
         self._normalize = _default_normalize()
         self._norm_memo: dict[str, str] = {}
+
+    @classmethod
+    def for_world(cls, world, **overrides) -> SimulatedBackend:
+        """The answerer of a `DemoWorld`: its preset's rule (plus `overrides`), with the world's settings in
+        `identity`, so a reward cache never serves one world's answers to another (ids repeat across worlds)."""
+        from .prompt import stable_hash
+
+        return cls(SimulatorRule(**{**world.simulator_rule, **overrides}), world_key=stable_hash(asdict(world.config)))
 
     # -- the rule ------------------------------------------------------------------------------------------------
 
     @property
     def identity(self) -> dict:
-        return {"backend": "simulated", "version": 1, "rule": asdict(self.rule)}
+        rule = asdict(self.rule)
+        if not rule["vote_noise"]:
+            del rule["vote_noise"]  # absent means 0, as before the field existed: old caches stay valid
+        identity = {"backend": "simulated", "version": 1, "rule": rule}
+        if self.world_key is not None:
+            identity["world"] = self.world_key
+        return identity
 
     def _norm(self, answer: str) -> str:
         norm = self._norm_memo.get(answer)
@@ -159,10 +196,21 @@ class SimulatedBackend(RewardBackend):
         return norm
 
     def image_vote(self, query: CorpusItem, num_shots: int) -> float:
-        """The query image's vote for its zero-shot answer, diluted by `num_shots` demonstrations."""
+        """The query image's vote for its zero-shot answer, diluted by `num_shots` demonstrations: the readable
+        weight when the answerer sees or knows the answer, else the knowledge weight, times the item's
+        `confidence` (1 when absent)."""
         meta = _require_meta(query)
-        base = self.rule.readable_weight if meta["answer_source"] == "image" else self.rule.knowledge_weight
-        return base * self.rule.dilution / (self.rule.dilution + num_shots)
+        sure = meta["answer_source"] == "image" or meta.get("known", False)
+        base = self.rule.readable_weight if sure else self.rule.knowledge_weight
+        return base * meta.get("confidence", 1.0) * self.rule.dilution / (self.rule.dilution + num_shots)
+
+    def demo_vote(self, query: CorpusItem, demo: CorpusItem) -> float:
+        """The vote of `demo` for the answer it shows, as a demonstration for `query`: its relation's weight, times
+        exp(vote_noise · z) with z a standard normal fixed by the (query id, demo id) pair."""
+        weight = self.rule.weight(relation(query, demo))
+        if self.rule.vote_noise:
+            weight *= math.exp(self.rule.vote_noise * pair_normal(query.id, demo.id))
+        return weight
 
     def support(self, prompt: InContextPrompt) -> dict[str, tuple[float, int]]:
         """{normalised answer: (support, last position)} for every answer with a vote (position 0 = the image)."""
@@ -171,7 +219,7 @@ class SimulatedBackend(RewardBackend):
         votes: dict[str, list] = {self._norm(_require_meta(query)["zero_shot_answer"]): [self.image_vote(query, n), 0]}
         for position, demo in enumerate(prompt.demos, start=1):
             entry = votes.setdefault(self._norm(demo.answer), [0.0, 0])
-            entry[0] += self.rule.weight(relation(query, demo))
+            entry[0] += self.demo_vote(query, demo)
             entry[1] = position
         return {answer: (support, last) for answer, (support, last) in votes.items()}
 
@@ -230,7 +278,7 @@ class SimulatedBackend(RewardBackend):
         # Pool items by the answer they show, each bucket sorted by weight (heaviest first).
         buckets: dict[str, list[tuple[float, CorpusItem]]] = {}
         for item in unique:
-            buckets.setdefault(self._norm(item.answer), []).append((self.rule.weight(relation(query, item)), item))
+            buckets.setdefault(self._norm(item.answer), []).append((self.demo_vote(query, item), item))
         for bucket in buckets.values():
             bucket.sort(key=lambda pair: -pair[0])
         zero_shot = self._norm(_require_meta(query)["zero_shot_answer"])
