@@ -43,8 +43,11 @@ PLATEAU_OFF = ["--plateau_stopping_metric", "none"]
 def load_train_script():
     import importlib.util
 
+    if "train_okvqa" in sys.modules:
+        return sys.modules["train_okvqa"]
     spec = importlib.util.spec_from_file_location("train_okvqa", ROOT / "examples" / "train_okvqa.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["train_okvqa"] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 

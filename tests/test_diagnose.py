@@ -170,7 +170,15 @@ def test_sources_running_metrics_jsonl_and_summary(tmp_path):
     assert log.source.endswith("metrics.jsonl") and len(log.history) == 6
     # Reward calls: summed over steps from the per-step log, or taken from run_summary.json.
     assert run_averages(log)["reward_calls"] == pytest.approx(50.0 * 60)
-    (run / "run_summary.json").write_text(json.dumps({"reward_calls": {"sent": 1234}, "queries_skipped": 7}))
+    # ICDGRPOTrainer's running totals: the last logged value is the total so far
+    totals = [dict(e, **{"reward_calls/sent": 100 * (i + 1), "zero_contrast/queries_skipped": i})
+              for i, e in enumerate(history)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in totals))
+    averages = run_averages(load_run(str(run)))
+    assert averages["reward_calls"] == 600 and averages["zero_contrast/queries_skipped"] == 5
+    # run_summary.json as examples/train_okvqa.py writes it
+    (run / "run_summary.json").write_text(json.dumps(
+        {"training_cost": {"reward_calls/sent": 1234, "zero_contrast/queries_skipped": 7}}))
     averages = run_averages(load_run(str(run)))
     assert averages["reward_calls"] == 1234 and averages["zero_contrast/queries_skipped"] == 7
     # Settings from a recipe passed on the command line override the recorded ones.

@@ -56,13 +56,16 @@ SUMMARY_FILE = "run_summary.json"
 # Settings the checks use, with where they live in TRL / this package.
 SETTINGS = ("advantage_mode", "advantage_min_std", "advantage_clip", "num_generations", "beta", "adaptive_kl",
             "adaptive_kl_beta_max", "learning_rate", "reward_mode", "loss_type", "max_steps", "temperature",
-            "zero_contrast_mode", "selective_rollout")
+            "zero_contrast_groups", "selective_rollout")
 
 AVERAGED_KEYS = ("advantages/std", "advantages/max_abs", "rewards/within_group_std", "frac_reward_zero_std",
                  "reward", "reward_std", "kl", "kl_beta", "loss", "entropy", "grad_norm", "learning_rate",
                  "zero_contrast/frac_rows_with_gradient", "in_context_reward/gt_prob", "in_context_reward/soft",
                  "in_context_reward/num_shots")
-REWARD_CALL_KEYS = ("reward_calls/sent", "in_context_reward/backend_pairs")
+# `ICDGRPOTrainer` logs its counts as running totals (the last logged value is the total so far); the reward's own
+# `backend_pairs` is a per-call mean (its total is the sum over steps).
+CUMULATIVE_CALL_KEY = "reward_calls/sent"
+PER_STEP_CALL_KEY = "in_context_reward/backend_pairs"
 COUNT_KEYS = ("zero_contrast/groups_dropped", "zero_contrast/queries_skipped")
 
 
@@ -227,6 +230,12 @@ def _total_over_steps(history: Sequence[Mapping], key: str) -> float | None:
     return float(sum(v * n for v, n in pairs)) if pairs else None
 
 
+def _last_value(history: Sequence[Mapping], key: str) -> float | None:
+    """The last logged value of a running total."""
+    values = [float(e[key]) for e in history if isinstance(e.get(key), (int, float))]
+    return values[-1] if values else None
+
+
 def _beta_per_entry(history: Sequence[Mapping], beta: float | None) -> list[float | None]:
     return [float(e["kl_beta"]) if isinstance(e.get("kl_beta"), (int, float)) else beta for e in history]
 
@@ -276,17 +285,16 @@ def run_averages(run: RunLog) -> dict:
         out["kl_share_of_gradient_weight"] = kl_weight / (kl_weight + adv_std) if kl_weight + adv_std > 0 else None
     else:
         out["kl_gradient_weight"] = out["kl_share_of_gradient_weight"] = None
-    calls = _summary_number(run.summary, "reward_calls_sent", "reward_calls/sent", "sent")
+    calls = _summary_number(run.summary, CUMULATIVE_CALL_KEY)
     if calls is None:
-        for key in REWARD_CALL_KEYS:
-            calls = _total_over_steps(history, key)
-            if calls is not None:
-                break
+        calls = _last_value(history, CUMULATIVE_CALL_KEY)
+    if calls is None:
+        calls = _total_over_steps(history, PER_STEP_CALL_KEY)
     out["reward_calls"] = calls
     for key in COUNT_KEYS:
-        out[key] = _summary_number(run.summary, key.split("/")[-1], key)
+        out[key] = _summary_number(run.summary, key)
         if out[key] is None:
-            out[key] = _total_over_steps(history, key)
+            out[key] = _last_value(history, key)
     for key in ("reward", "entropy", "kl"):
         values = _values(history, key)
         quarter = max(1, values.size // 4)
@@ -544,8 +552,9 @@ def diagnose(run: RunLog) -> Diagnosis:
                 "probability differs between selections even when the answer does not, so groups get contrast",
                 3 + missing))
         recs.append(Recommendation(
-            "zero_contrast_mode / selective_rollout (ICDGRPOConfig)",
-            "drop flat groups and refill the step with contrasted ones; skip queries predicted flat before scoring",
+            "selective_rollout / zero_contrast_groups (ICDGRPOConfig)",
+            "skip queries predicted flat before any reward call (selective_rollout: true) and take flat groups out "
+            "of the loss (zero_contrast_groups: drop); docs/zero_contrast.md",
             f"{100 * missing:.0f}% of the reward calls currently feed groups that give no gradient",
             2 + missing))
         recs.append(Recommendation(

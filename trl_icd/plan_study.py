@@ -53,7 +53,8 @@ MIRRORED_KEYS = (
     "max_completion_length", "reward_mode", "hard_weight", "soft_weight", "rel_weight", "run_grpo",
     "rce_num_train_epochs", "rce_learning_rate", "rce_temperature_start", "rce_temperature_end",
     "rce_per_device_train_batch_size", "selector_min_shots", "selector_max_shots",
-    "zero_contrast_mode", "selective_rollout",
+    "zero_contrast_groups", "selective_rollout", "selective_rollout_keep_prob", "selective_rollout_min_keep_prob",
+    "dynamic_sampling_max_rounds", "plateau_stopping_metric",
 )
 """Plan settings copied from an OK-VQA recipe (keys a recipe does not set are left to `base`)."""
 
