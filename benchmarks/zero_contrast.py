@@ -1,18 +1,21 @@
 """Reward calls to a given held-out accuracy, per zero-contrast arm, on the offline demo (not a test).
 
-    python benchmarks/zero_contrast.py                              # every arm, the demo recipe
-    python benchmarks/zero_contrast.py --arms off selective --max_steps 600
+    python benchmarks/zero_contrast.py                              # every arm, seeds 0 1 2, the demo recipe
+    python benchmarks/zero_contrast.py --arms off selective+drop --seeds 0 --max_steps 1200
 
-Every arm trains a fresh selector with the same recipe, world, seed and pools (`examples/train_okvqa.py`); the arms
-differ only in their zero-contrast options (and `--stop_on_plateau` adds the recipe's plateau rule to all of them).
-During training the held-out accuracy is measured every `--eval_every` steps on `--curve_queries` held-out queries
-(greedy selections, the selector's own stop, scored through a separate reward object: those calls are not counted).
-At the end each trained selector is scored on every held-out query.
+Every arm trains a fresh selector with the same recipe, world and pools (`examples/train_okvqa.py`), once per seed;
+the arms differ only in their zero-contrast options: the recipe's own zero-contrast settings and plateau stopping are
+switched off first (`--stop_on_plateau` keeps the plateau rule, for every arm). During training the held-out accuracy
+is measured every `--eval_every` steps on `--curve_queries` held-out queries (greedy selections, the selector's own
+stop, scored through a separate reward object: those calls are not counted). At the end each trained selector is
+scored on every held-out query.
 
-Printed per arm: reward calls that reached the scoring backend (after the reward cache), rows skipped before any
-reward call, groups dropped, steps, wall time, final held-out accuracy (95% CI), selector / oracle, and the reward
-calls at which its held-out curve first reached the `off` arm's final curve accuracy minus one point, with the ratio
-to the `off` arm's total calls. Writes `zero_contrast.json` and `calls_vs_accuracy.png` to `--output_dir`.
+Printed per arm (mean over seeds, per-seed values in the JSON): reward calls that reached the scoring backend (after
+the reward cache), rows skipped before any reward call, groups dropped, steps, wall time, final held-out accuracy
+(95% CI over queries and seeds), selector / oracle, and the reward calls at which its held-out curve first reached
+the `off` arm's final curve accuracy (same seed) minus one point, as a ratio to that `off` run's total calls. Runs are
+sequential, so wall times are those of one run at a time. Writes `zero_contrast.json`, `zero_contrast.md` and
+`calls_vs_accuracy.png` to `--output_dir`.
 """
 
 from __future__ import annotations
@@ -104,17 +107,17 @@ def final_accuracy(output_dir: Path, argv: list[str]) -> dict:
             "oracle": float(np.mean(oracle)), "queries": len(query_ids), "per_query": list(map(float, accuracies))}
 
 
-def run_arm(name: str, extra: list[str], args) -> dict:
-    output_dir = Path(args.output_dir) / name.replace("+", "_")
+def run_arm(name: str, extra: list[str], seed: int, args) -> dict:
+    output_dir = Path(args.output_dir) / f"{name.replace('+', '_')}_seed{seed}"
     argv = [
-        "--config", str(args.recipe), "--output_dir", str(output_dir), "--seed", str(args.seed),
+        "--config", str(args.recipe), "--output_dir", str(output_dir), "--seed", str(seed),
         "--evaluate", "false", "--disable_tqdm", "true", "--report_to", "none",
         "--heldout_eval_steps", str(args.eval_every), "--heldout_eval_queries", str(args.curve_queries),
         *RESET, *([] if args.stop_on_plateau else PLATEAU_OFF), *extra,
     ]
     if args.max_steps:
         argv += ["--max_steps", str(args.max_steps)]
-    print(f"[{name}] training: {' '.join(extra) or '(plain GRPO)'}", flush=True)
+    print(f"[{name}, seed {seed}] training: {' '.join(extra) or '(plain GRPO)'}", flush=True)
     started = time.perf_counter()
     run = load_train_script().main(argv)
     wall = time.perf_counter() - started
@@ -123,6 +126,7 @@ def run_arm(name: str, extra: list[str], args) -> dict:
     final = final_accuracy(output_dir, argv)
     result = {
         "arm": name,
+        "seed": seed,
         "options": extra,
         "steps": run.get("global_step"),
         "wall_time_s": wall,
@@ -133,7 +137,7 @@ def run_arm(name: str, extra: list[str], args) -> dict:
         "curve": held_out_curve(read_log(output_dir)),
         **final,
     }
-    print(f"[{name}] {result['steps']} steps, {result['reward_calls']} reward calls, {wall:.0f} s, held-out "
+    print(f"[{name}, seed {seed}] {result['steps']} steps, {result['reward_calls']} reward calls, {wall:.0f} s, held-out "
           f"{100 * final['accuracy']:.1f} (oracle {100 * final['oracle']:.1f})", flush=True)
     return result
 
@@ -146,49 +150,75 @@ def calls_to_reach(curve: list[dict], target: float) -> int | None:
 
 
 def report(results: list[dict], output_dir: Path, load: str) -> str:
-    reference = next((r for r in results if r["arm"] == "off"), results[0])
-    target = reference["curve"][-1]["accuracy"] - 0.01 if reference["curve"] else None
+    """Per-seed targets and ratios against the `off` run of the same seed, then one row per arm."""
+    import numpy as np
+
+    from trl_icd.evaluation import mean_ci
+
+    reference = {r["seed"]: r for r in results if r["arm"] == "off"}
+    for r in results:
+        off = reference.get(r["seed"])
+        r["target"] = off["curve"][-1]["accuracy"] - 0.01 if off and off["curve"] else None
+        r["calls_to_target"] = calls_to_reach(r["curve"], r["target"]) if r["target"] is not None else None
+        r["ratio_to_off_total"] = (r["calls_to_target"] / off["reward_calls"]
+                                   if r["calls_to_target"] is not None and off and off["reward_calls"] else None)
     lines = [
         f"machine load before the run: {load}",
-        f"target: the '{reference['arm']}' arm's final held-out curve accuracy minus 1 point = "
-        f"{100 * target:.1f}" if target is not None else "no held-out curve",
+        "target per seed: that seed's 'off' run's final held-out curve accuracy minus 1 point; ratio: reward calls to "
+        "reach it / that 'off' run's total reward calls (means over seeds; 'n/m' = seeds that reached it)",
         "",
-        "| arm | steps | reward calls | rows skipped | groups dropped | wall s | held-out acc (95% CI) | "
-        "selector/oracle | calls to target | vs off total |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| arm | seeds | steps | reward calls | rows skipped | groups dropped | wall s | held-out acc (95% CI) | "
+        "selector/oracle | calls to target | / off total |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in results:
-        reach = calls_to_reach(r["curve"], target) if target is not None else None
-        r["calls_to_target"] = reach
-        ratio = f"{reach / reference['reward_calls']:.2f}" if reach is not None and reference["reward_calls"] else "-"
+    for arm in dict.fromkeys(r["arm"] for r in results):
+        runs = [r for r in results if r["arm"] == arm]
+        interval = mean_ci([a for r in runs for a in r["per_query"]])
+        reached = [r for r in runs if r["calls_to_target"] is not None]
+        ratios = [r["ratio_to_off_total"] for r in reached if r["ratio_to_off_total"] is not None]
+        mean = lambda key: float(np.mean([r[key] for r in runs]))  # noqa: E731
+        calls = f"{np.mean([r['calls_to_target'] for r in reached]):.0f}" if reached else "-"
         lines.append(
-            f"| {r['arm']} | {r['steps']} | {r['reward_calls']} | {r['rows_skipped']} | {r['groups_dropped']} | "
-            f"{r['wall_time_s']:.0f} | {100 * r['accuracy']:.1f} [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}] | "
-            f"{r['accuracy'] / max(r['oracle'], 1e-12):.3f} | {reach if reach is not None else 'not reached'} | {ratio} |"
+            f"| {arm} | {len(runs)} | {mean('steps'):.0f} | {mean('reward_calls'):.0f} | {mean('rows_skipped'):.0f} | "
+            f"{mean('groups_dropped'):.0f} | {mean('wall_time_s'):.0f} | {100 * interval.mean:.1f} "
+            f"[{100 * interval.low:.1f}, {100 * interval.high:.1f}] | "
+            f"{np.mean([r['accuracy'] / max(r['oracle'], 1e-12) for r in runs]):.3f} | {calls} "
+            f"({len(reached)}/{len(runs)}) | {f'{np.mean(ratios):.2f}' if ratios else '-'} |"
         )
     text = "\n".join(lines)
     (output_dir / "zero_contrast.md").write_text(text + "\n")
     return text
 
 
-def plot(results: list[dict], path: Path, target: float | None) -> None:
+def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7.5, 4.5), dpi=150)
-    for r in results:
-        curve = r["curve"]
-        axis.plot([p["calls"] for p in curve], [100 * p["accuracy"] for p in curve], marker="o", markersize=3,
-                  label=f"{r['arm']} ({r['reward_calls']} calls, {100 * r['accuracy']:.1f}% final)")
-    if target is not None:
-        axis.axhline(100 * target, color="grey", linestyle=":", linewidth=1, label="target: off's final - 1 point")
-    axis.set_xlabel("reward calls sent to the scoring backend (cumulative, after the cache)")
-    axis.set_ylabel("held-out accuracy (%), greedy, own stop")
-    axis.set_title("Demo world: held-out accuracy vs reward calls, per zero-contrast arm")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8, loc="lower right")
+    seeds = sorted({r["seed"] for r in results})
+    arms = list(dict.fromkeys(r["arm"] for r in results))
+    colours = {arm: plt.get_cmap("tab10")(i) for i, arm in enumerate(arms)}
+    figure, axes = plt.subplots(1, len(seeds), figsize=(max(7.0, 5.2 * len(seeds)), 4.8), dpi=150, sharey=True, squeeze=False)
+    for axis, seed in zip(axes[0], seeds, strict=True):
+        target = None
+        for r in results:
+            if r["seed"] != seed:
+                continue
+            target = r.get("target", target)
+            curve = r["curve"]
+            axis.plot([p["calls"] / 1000 for p in curve], [100 * p["accuracy"] for p in curve], marker="o",
+                      markersize=2.5, linewidth=1.3, color=colours[r["arm"]],
+                      label=f"{r['arm']}: {r['reward_calls'] / 1000:.1f}k calls, {100 * r['accuracy']:.1f}%")
+        if target is not None:
+            axis.axhline(100 * target, color="grey", linestyle=":", linewidth=1, label="target: off's final - 1 pt")
+        axis.set_title(f"seed {seed}")
+        axis.set_xlabel("reward calls sent to the scoring backend (thousands, after the cache)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7, loc="lower right")
+    axes[0][0].set_ylabel("held-out accuracy (%), greedy, own stop")
+    figure.suptitle("Demo world: held-out accuracy vs reward calls, per zero-contrast arm\n(legend: the run's total "
+                    "reward calls and its final accuracy on every held-out query)", fontsize=10)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
@@ -199,7 +229,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--recipe", default=str(RECIPE))
     parser.add_argument("--output_dir", default="outputs/zero_contrast")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--max_steps", type=int, default=None, help="override the recipe's step count")
     parser.add_argument("--eval_every", type=int, default=50, help="steps between held-out curve points")
     parser.add_argument("--curve_queries", type=int, default=200, help="held-out queries of each curve point")
@@ -210,11 +240,9 @@ def main(argv=None) -> list[dict]:
     output_dir.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()
     load_text = f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1/5/15 min) on {os.cpu_count()} cores"
-    results = [run_arm(name, ARMS[name], args) for name in args.arms]
+    results = [run_arm(name, ARMS[name], seed, args) for seed in args.seeds for name in args.arms]
     text = report(results, output_dir, load_text)
-    reference = next((r for r in results if r["arm"] == "off"), results[0])
-    target = reference["curve"][-1]["accuracy"] - 0.01 if reference["curve"] else None
-    plot(results, output_dir / "calls_vs_accuracy.png", target)
+    plot(results, output_dir / "calls_vs_accuracy.png")
     for r in results:
         r.pop("per_query")
     (output_dir / "zero_contrast.json").write_text(json.dumps({"load": load_text, "results": results}, indent=2))
