@@ -13,7 +13,8 @@ scored on every held-out query.
 Printed per arm (mean over seeds, per-seed values in the JSON): reward calls that reached the scoring backend (after
 the reward cache), rows skipped before any reward call, groups dropped, steps, wall time, final held-out accuracy
 (95% CI over queries and seeds), selector / oracle, and the reward calls at which its held-out curve first reached
-the `off` arm's final curve accuracy (same seed) minus one point, as a ratio to that `off` run's total calls. Runs are
+the reference arm's final curve accuracy (same seed) minus one point, as a ratio to that reference run's total calls
+(`--reference_arm`; default `off_1200`, plain GRPO for twice the steps, when it runs, else the first arm). Runs are
 sequential, so wall times are those of one run at a time. Writes `zero_contrast.json`, `zero_contrast.md` and
 `calls_vs_accuracy.png` to `--output_dir`.
 """

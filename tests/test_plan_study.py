@@ -38,6 +38,8 @@ def test_demo_plans_mirror_their_recipes():
     # Hand-computed: plan 5 = 50 epochs x 800 queries x 8 / 64 = 5,000 steps.
     plan5, _ = ps.plan_settings(study, study.plans["plan5"], 0)
     assert plan5["learning_rate"] == pytest.approx(5e-6 * 5000 / study.grpo_steps)
+    zero_contrast, _ = ps.plan_settings(study, study.plans["plan5_zero_contrast"], 0)
+    assert zero_contrast == {**plan5, "selective_rollout": True, "zero_contrast_groups": "drop"}
     best, _ = ps.plan_settings(study, study.plans["best"], 0)
     assert best["beta"] == 0.0 and best["reward_mode"] == "hard_plus_gtprob_plus_rel"
     assert best["learning_rate"] == pytest.approx(5e-5 * 5000 / study.grpo_steps)
@@ -50,7 +52,8 @@ def test_warmups_are_shared_only_when_identical():
         settings, _ = ps.plan_settings(study, study.plans[name], seed)
         return ps.warmup_key({**settings, "rce_data_path": "rl.jsonl"}, study.base)
 
-    assert key("rank_baseline") == key("plan5") == key("plan6") == key("plan6b") == key("plan7")
+    assert key("rank_baseline") == key("plan5") == key("plan6") == key("plan6b") == key("plan7") == key(
+        "plan5_zero_contrast")
     assert key("plan8") == key("best") != key("plan5")  # another reward shapes the warm-up's weights
     assert key("plan10") not in (key("plan5"), key("plan8"))
     assert key("plan5", 0) != key("plan5", 1)
