@@ -1,6 +1,6 @@
 """Reward calls to a given held-out accuracy, per zero-contrast arm, on the offline demo (not a test).
 
-    python benchmarks/zero_contrast.py                              # every arm, seeds 0 1 2, the demo recipe
+    python benchmarks/zero_contrast.py                              # every arm, seeds 0 1 2, the demo recipe, 600 steps
     python benchmarks/zero_contrast.py --arms off selective+drop --seeds 0 --max_steps 1200
 
 Every arm trains a fresh selector with the same recipe, world and pools (`examples/train_okvqa.py`), once per seed;
@@ -235,8 +235,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--recipe", default=str(RECIPE))
     parser.add_argument("--output_dir", default="outputs/zero_contrast")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--max_steps", type=int, default=None,
-                        help="override the recipe's step count (the reference arm keeps its own)")
+    parser.add_argument("--max_steps", type=int, default=600,
+                        help="GRPO steps of every arm but the reference (default 600, half the demo recipe's 1,200; "
+                             "the reference arm off_1200 keeps its 1,200; 0 = the recipe's own)")
     parser.add_argument("--reference_arm", default=None,
                         help="arm whose run of each seed sets the target (default: off_1200 if run, else off)")
     parser.add_argument("--eval_every", type=int, default=50, help="steps between held-out curve points")
