@@ -11,6 +11,7 @@ from trl_icd.metrics import (
     VQA_PROTOCOLS,
     evalai_normalize,
     get_vqa_protocol,
+    official_normalize,
     normalize_answer,
     process_punctuation,
     register_vqa_protocol,
@@ -360,6 +361,15 @@ def test_matches_an_independent_restatement_of_its_reference(protocol):
     reference = REFERENCES[protocol]
     mismatches = [(p, g) for p, g in CASES if vqa_accuracy(p, g, protocol) != pytest.approx(reference(p, g), abs=1e-12)]
     assert not mismatches, mismatches[:5]
+
+
+@pytest.mark.parametrize("normalize", [official_normalize, evalai_normalize], ids=["official", "evalai"])
+def test_memoised_normalisers_equal_their_unmemoised_selves(normalize):
+    texts = sorted({text for prediction, answers in CASES for text in (prediction, *answers)})
+    assert [normalize(text) for text in texts] == [normalize.__wrapped__(text) for text in texts]
+    hits = normalize.cache_info().hits
+    assert [normalize(text) for text in texts[:50]] == [normalize.__wrapped__(text) for text in texts[:50]]
+    assert normalize.cache_info().hits >= hits + 50  # the second pass is answered from the cache
 
 
 def test_generated_cases_exercise_the_rule_differences():

@@ -34,6 +34,7 @@ def always_normalised(prediction, answers):
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -124,11 +125,16 @@ def _clean(text: str) -> str:
     return text.replace("\n", " ").replace("\t", " ").strip()
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def official_normalize(text: str) -> str:
-    """The official script's full normalisation: clean, punctuation, then digits/articles/contractions."""
+    """The official script's full normalisation: clean, punctuation, then digits/articles/contractions.
+
+    Memoised (a pure str -> str function): training scores every new selection for a query against the same gold
+    answers, so the same strings come back again and again (benchmarks/answer_scoring.py)."""
     return process_digit_article(process_punctuation(_clean(text)))
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def evalai_normalize(text: str) -> str:
     """lmms-eval's `EvalAIAnswerProcessor`: lower-case, delete every `,` and `?`, split `'s` off its word (`dog's`
     -> `dog 's`), strip, then the official normalisation. With the commas gone, the digit-comma-digit rule of the
