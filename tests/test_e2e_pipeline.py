@@ -3,7 +3,6 @@ shot counts, and how RL-data sequences are drawn from a pool."""
 
 import numpy as np
 import pytest
-import torch
 from e2e_scripts import load_script
 
 from trl_icd.data import Corpus
