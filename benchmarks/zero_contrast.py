@@ -14,7 +14,8 @@ Printed per arm (mean over seeds, per-seed values in the JSON): reward calls tha
 the reward cache), rows skipped before any reward call, groups dropped, steps, wall time, final held-out accuracy
 (95% CI over queries and seeds), selector / oracle, and the reward calls at which its held-out curve first reached
 the reference arm's final curve accuracy (same seed) minus one point, as a ratio to that reference run's total calls
-(`--reference_arm`; default `off_1200`, plain GRPO for twice the steps, when it runs, else the first arm). Runs are
+(`--reference_arm`; default `off_1200`, the demo recipe's plain GRPO for 1,200 steps, when it runs, else the first
+arm). Runs are
 sequential, so wall times are those of one run at a time. Writes `zero_contrast.json`, `zero_contrast.md` and
 `calls_vs_accuracy.png` to `--output_dir`.
 """
@@ -31,8 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "demo" / "cpu.yaml"
 
-# The arms differ only in their zero-contrast options; `off_1200` is the reference: plain GRPO for 1,200 steps, what
-# the demo recipe ran before it used the zero-contrast options (and twice its current step budget).
+# The arms differ only in their zero-contrast options (and run `--max_steps`, 600 by default); `off_1200` is the
+# reference: the demo recipe itself, plain GRPO for 1,200 steps.
 ARMS = {
     "off": [],
     "drop": ["--zero_contrast_groups", "drop"],
@@ -47,15 +48,9 @@ PLATEAU_OFF = ["--plateau_stopping_metric", "none"]
 
 
 def load_train_script():
-    import importlib.util
+    from trl_icd.cli import load_script
 
-    if "train_okvqa" in sys.modules:
-        return sys.modules["train_okvqa"]
-    spec = importlib.util.spec_from_file_location("train_okvqa", ROOT / "examples" / "train_okvqa.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_okvqa"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "examples" / "train_okvqa.py")
 
 
 def read_log(output_dir: Path) -> list[dict]:
@@ -160,11 +155,11 @@ def report(results: list[dict], output_dir: Path, load: str, reference_arm: str)
 
     reference = {r["seed"]: r for r in results if r["arm"] == reference_arm}
     for r in results:
-        off = reference.get(r["seed"])
-        r["target"] = off["curve"][-1]["accuracy"] - 0.01 if off and off["curve"] else None
+        ref = reference.get(r["seed"])
+        r["target"] = ref["curve"][-1]["accuracy"] - 0.01 if ref and ref["curve"] else None
         r["calls_to_target"] = calls_to_reach(r["curve"], r["target"]) if r["target"] is not None else None
-        r["ratio_to_off_total"] = (r["calls_to_target"] / off["reward_calls"]
-                                   if r["calls_to_target"] is not None and off and off["reward_calls"] else None)
+        r["ratio_to_reference_total"] = (r["calls_to_target"] / ref["reward_calls"]
+                                         if r["calls_to_target"] is not None and ref and ref["reward_calls"] else None)
     lines = [
         f"machine load before the run: {load}",
         f"target per seed: that seed's '{reference_arm}' run's final held-out curve accuracy minus 1 point; ratio: "
@@ -179,7 +174,7 @@ def report(results: list[dict], output_dir: Path, load: str, reference_arm: str)
         runs = [r for r in results if r["arm"] == arm]
         interval = mean_ci([a for r in runs for a in r["per_query"]])
         reached = [r for r in runs if r["calls_to_target"] is not None]
-        ratios = [r["ratio_to_off_total"] for r in reached if r["ratio_to_off_total"] is not None]
+        ratios = [r["ratio_to_reference_total"] for r in reached if r["ratio_to_reference_total"] is not None]
         mean = lambda key: float(np.mean([r[key] for r in runs]))  # noqa: E731
         calls = f"{np.mean([r['calls_to_target'] for r in reached]):.0f}" if reached else "-"
         lines.append(

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ import time
 import numpy as np
 
 from trl_icd import plan_study as ps
+from trl_icd.cli import load_script
 from trl_icd.diagnose import diagnose, format_diagnosis, load_run
 
 logger = logging.getLogger("compare_plans")
@@ -35,14 +35,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def load_example(name: str):
-    """A sibling script of this one as a module (they live outside the package)."""
-    module_name = f"_example_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, os.path.join(HERE, f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
+    """A sibling script of this one as a module."""
+    return load_script(os.path.join(HERE, f"{name}.py"))
 
 
 def parse_args(argv=None):

@@ -1,25 +1,19 @@
 """benchmarks/zero_contrast.py: its target and ratio arithmetic by hand, and a tiny run end to end (so the benchmark
 keeps working; its figures come from the full run documented in docs/zero_contrast.md)."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+
+from trl_icd.cli import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    name = "_benchmark_zero_contrast"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "zero_contrast.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_script(ROOT / "benchmarks" / "zero_contrast.py")
 
 
 def run(arm, seed, calls, curve, accuracy=0.9):
@@ -56,9 +50,9 @@ def test_targets_and_ratios_by_hand(bench, tmp_path):
     text = bench.report(results, tmp_path, "idle", "ref")
     by_arm = {r["arm"]: r for r in results}
     assert by_arm["ref"]["target"] == pytest.approx(0.89)
-    assert by_arm["ref"]["calls_to_target"] == 700 and by_arm["ref"]["ratio_to_off_total"] == pytest.approx(0.7)
-    assert by_arm["fast"]["calls_to_target"] == 300 and by_arm["fast"]["ratio_to_off_total"] == pytest.approx(0.3)
-    assert by_arm["slow"]["calls_to_target"] is None and by_arm["slow"]["ratio_to_off_total"] is None
+    assert by_arm["ref"]["calls_to_target"] == 700 and by_arm["ref"]["ratio_to_reference_total"] == pytest.approx(0.7)
+    assert by_arm["fast"]["calls_to_target"] == 300 and by_arm["fast"]["ratio_to_reference_total"] == pytest.approx(0.3)
+    assert by_arm["slow"]["calls_to_target"] is None and by_arm["slow"]["ratio_to_reference_total"] is None
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
     assert rows["fast"].endswith("| 300 (1/1) | 0.30 |") and rows["slow"].endswith("| - (0/1) | - |")
     assert (tmp_path / "zero_contrast.md").read_text().strip() == text

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import inspect
+import sys
 import textwrap
+from pathlib import Path
 
 from trl import TrlParser
 
@@ -156,4 +159,22 @@ class ICDArgumentParser(TrlParser):
                 setattr(obj, attr, value)
 
 
-__all__ = ["HelpFormatter", "ICDArgumentParser", "declaring_class"]
+def load_script(path: str | Path):
+    """A script file (the examples and benchmarks live outside the package) imported as a module, once per process,
+    so another script or a test can call its `main(argv)`. It is registered in `sys.modules` (as `_script_<stem>`)
+    because dataclasses resolve their annotations through their module."""
+    path = Path(path).resolve()
+    module_name = f"_script_{path.stem}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[module_name]
+            raise
+    return sys.modules[module_name]
+
+
+__all__ = ["HelpFormatter", "ICDArgumentParser", "declaring_class", "load_script"]
