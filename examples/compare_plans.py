@@ -28,7 +28,7 @@ import numpy as np
 
 from trl_icd import plan_study as ps
 from trl_icd.cli import load_script
-from trl_icd.diagnose import diagnose, format_diagnosis, load_run
+from trl_icd.diagnose import CONFIG_FILE, diagnose, format_diagnosis, load_run
 
 logger = logging.getLogger("compare_plans")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -198,7 +198,7 @@ def main(argv=None) -> dict:
 
     runs = {n: list(p.output_dirs) for n, p in study.plans.items() if p.output_dirs is not None}
     if args.eval_only:
-        for name, spec in study.plans.items():
+        for name in study.plans:
             runs.setdefault(name, [os.path.join(study.output_dir, name, f"seed{s}") for s in study.seeds])
     else:
         rl_data = generate_rl_data(study, progress)
@@ -227,6 +227,7 @@ def evaluate_study(study: ps.Study, runs: dict[str, list[str]], progress) -> dic
         load_data,
         load_or_build_selector,
         parse_script_arguments,
+        pool_oracle,
     )
 
     base_recipe = ps.write_recipe(study.base, os.path.join(study.output_dir, "base.yaml"))
@@ -248,12 +249,14 @@ def evaluate_study(study: ps.Study, runs: dict[str, list[str]], progress) -> dic
         values, diagnoses = [], []
         for seed, run_dir in zip(study.seeds, dirs, strict=True):
             model, tokenizer = load_or_build_selector(run_dir, data, data_args, selector_args)
-            scores = ps.with_average(ps.evaluate_selector(model, tokenizer, data, pools, query_ids, reward,
-                                                          study.eval_shots), study.eval_shots)
+            scores = ps.evaluate_selector(model, tokenizer, data, pools, query_ids, reward, study.eval_shots)
             values.append(scores)
             record = {"seed": seed, "output_dir": run_dir,
                       "per_query": {k: v.tolist() for k, v in scores.items()}}
-            settings = ps.plan_settings(study, study.plans[name], seed)[0] if name in study.plans else None
+            # What ran is in the run's own `run_config.json`; the plan's settings stand in for runs without one.
+            settings = None
+            if name in study.plans and not os.path.isfile(os.path.join(run_dir, CONFIG_FILE)):
+                settings = ps.plan_settings(study, study.plans[name], seed)[0]
             try:
                 diagnosis = diagnose(load_run(run_dir, config=settings))
                 diagnoses.append(diagnosis)
@@ -272,14 +275,9 @@ def evaluate_study(study: ps.Study, runs: dict[str, list[str]], progress) -> dic
     # Reference rows: zero-shot and retrieval baselines, the warm-up the GRPO runs started from, the pool oracle.
     baselines_results = evaluate_methods(data, reward, query_ids, [0, *study.eval_shots], baselines=study.baselines,
                                          seed=data_args.pool_seed)
-    baselines: dict[str, dict] = {}
+    baselines = {method: {"accuracy": cells}
+                 for method, cells in baselines_results.to_dict(per_query=False)["summary"].items()}
     start_of: dict[str, str] = {}
-    from trl_icd.evaluation import mean_ci
-
-    for method in baselines_results.methods:
-        cells = {str(s): mean_ci(baselines_results.values(method, s)).__dict__ for s in baselines_results.shots
-                 if s in baselines_results.per_query[method]}
-        baselines[method] = {"accuracy": cells}
     # The policies GRPO started from (each distinct RCE warm-up, saved as `start_policy` in every run): the
     # research's "Baseline" (RCE only) and the point each plan's GRPO effect is measured from.
     groups: dict[str, list[str]] = {}
@@ -297,16 +295,16 @@ def evaluate_study(study: ps.Study, runs: dict[str, list[str]], progress) -> dic
         starts[label] = []
         for path in dirs:
             model, tokenizer = load_or_build_selector(path, data, data_args, selector_args)
-            starts[label].append(ps.with_average(ps.evaluate_selector(model, tokenizer, data, pools, query_ids, reward,
-                                                                      study.eval_shots), study.eval_shots))
+            starts[label].append(ps.evaluate_selector(model, tokenizer, data, pools, query_ids, reward,
+                                                      study.eval_shots))
         baselines.update(ps.summarize({label: starts[label]}, [], study.eval_shots))
         for name in members:
             start_of[name] = label
-    backend = reward.backend
-    if hasattr(backend, "oracle_accuracy"):
+    if hasattr(reward.backend, "oracle_accuracy"):
+        from trl_icd.evaluation import mean_ci
+
         model_max = max(study.eval_shots)
-        oracle = [backend.oracle_accuracy(data.corpus[q], [data.corpus[c] for c in pools[q]], max_shots=model_max
-                                          ).accuracy for q in query_ids]
+        oracle = pool_oracle(data, reward, pools, query_ids, max_shots=model_max)
         baselines[f"oracle (pool, 1-{model_max} shots)"] = {"accuracy": {"own": mean_ci(oracle).__dict__}}
 
     summary = ps.summarize(per_plan, study.references, study.eval_shots)

@@ -180,7 +180,7 @@ def load_study(path: str) -> Study:
 
 def recipe_grpo_steps(recipe: Mapping) -> float | None:
     """Optimiser steps of a recipe's GRPO run (single process): epochs × queries × generations / batch."""
-    if recipe.get("max_steps", -1) and recipe.get("max_steps", -1) > 0:
+    if (recipe.get("max_steps") or -1) > 0:
         return float(recipe["max_steps"])
     needed = ("num_train_epochs", "max_train_queries", "num_generations", "per_device_train_batch_size")
     if any(recipe.get(k) is None for k in needed):
@@ -253,8 +253,8 @@ def write_recipe(settings: Mapping, path: str) -> str:
 
 def evaluate_selector(model, tokenizer, data, pools: Mapping, query_ids: Sequence, reward, shots: Sequence[int]
                       ) -> dict[str, np.ndarray]:
-    """Per-query accuracy of a selector: `"<s>"` exactly s demonstrations (s <= its max_shots), `"own"` its own stop,
-    plus `"own_shots"` (the number it chose per query)."""
+    """Per-query accuracy of a selector: `"<s>"` exactly s demonstrations (s <= its max_shots), `"avg"` their mean,
+    `"own"` its own stop, plus `"own_shots"` (the number it chose per query)."""
     from .pipeline import score_selections, select_with_selector
 
     out = {}
@@ -266,7 +266,7 @@ def evaluate_selector(model, tokenizer, data, pools: Mapping, query_ids: Sequenc
     own = select_with_selector(model, tokenizer, data, pools, query_ids, show_progress=False)
     out["own"] = np.array(score_selections(reward, query_ids, own))
     out["own_shots"] = np.array([len(own[q]) for q in query_ids], dtype=float)
-    return out
+    return with_average(out, shots)
 
 
 def with_average(values: Mapping[str, np.ndarray], shots: Sequence[int]) -> dict[str, np.ndarray]:
@@ -316,17 +316,16 @@ def summarize(per_plan: Mapping[str, list[dict]], references: Sequence[str], sho
     reference, per-seed means and per-seed differences."""
     from .evaluation import mean_ci
 
-    averaged = _seed_average
     out: dict[str, dict] = {}
     for name, runs in per_plan.items():
         entry = {"accuracy": {}, "per_seed": {}, "vs": {}}
         for column in columns(shots):
-            values = averaged(runs, column)
+            values = _seed_average(runs, column)
             if values is None:
                 continue
             entry["accuracy"][column] = mean_ci(values).__dict__
             entry["per_seed"][column] = [float(r[column].mean()) for r in runs]
-        own_shots = averaged(runs, "own_shots")
+        own_shots = _seed_average(runs, "own_shots")
         entry["own_mean_shots"] = float(own_shots.mean()) if own_shots is not None else None
         for ref in references:
             if ref != name and ref in per_plan:

@@ -44,6 +44,7 @@ from .selection import (  # noqa: F401
     score_selections,
     BASELINES,
     evaluate_methods,
+    pool_oracle,
     run_demo_evaluation,
 )
 
@@ -69,6 +70,7 @@ __all__ = [
     "load_features",
     "load_or_build_selector",
     "parse_script_arguments",
+    "pool_oracle",
     "retrieval_selections",
     "run_demo_evaluation",
     "run_rce_warmup",

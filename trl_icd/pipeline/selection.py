@@ -129,6 +129,21 @@ def evaluate_methods(data: DataBundle, reward, query_ids, shots, pools: dict | N
 
 
 
+def pool_oracle(data: DataBundle, reward, pools, query_ids, max_shots: int, min_shots: int = 1) -> list[float]:
+    """Per query, the best accuracy any selection of min_shots..max_shots items from its pool reaches, scored under
+    the reward's VQA protocol (demo world only: the simulated answerer knows it)."""
+    from functools import partial
+
+    from ..metrics import vqa_accuracy
+
+    accuracy = partial(vqa_accuracy, protocol=reward.vqa_protocol)
+    return [
+        reward.backend.oracle_accuracy(data.corpus[q], [data.corpus[c] for c in pools[q]], max_shots=max_shots,
+                                       min_shots=min_shots, accuracy=accuracy).accuracy
+        for q in query_ids
+    ]
+
+
 def run_demo_evaluation(model, tokenizer, data: DataBundle, data_args: DataArguments, reward_args: RewardArguments,
                         output_dir: str, log_history: list) -> dict:
     """Evaluate on the held-out queries and write `eval_results.json`, `eval_table.md`, `eval_details.json`,
@@ -139,12 +154,10 @@ def run_demo_evaluation(model, tokenizer, data: DataBundle, data_args: DataArgum
     (a conservative bar for the selector); `oracle` = the best accuracy any selection of min_shots..max_shots items
     from the selector's pool reaches (demo world only: the simulated answerer knows it)."""
     import json
-    from functools import partial
 
     import numpy as np
 
     from ..evaluation import markdown_comparison_table, markdown_table, plot_accuracy_vs_shots, plot_training_curves
-    from ..metrics import vqa_accuracy
 
     if data.world is None:
         raise ValueError("the end-of-run evaluation with an oracle needs the demo world; use evaluate_okvqa.py")
@@ -157,13 +170,7 @@ def run_demo_evaluation(model, tokenizer, data: DataBundle, data_args: DataArgum
                                selectors={"selector": (model, tokenizer)}, seed=data_args.pool_seed)
     own = select_with_selector(model, tokenizer, data, pools, query_ids)
     own_accuracy = score_selections(reward, query_ids, own)
-    backend = reward.backend
-    oracle = [
-        backend.oracle_accuracy(data.corpus[q], [data.corpus[c] for c in pools[q]], max_shots=max_shots,
-                                min_shots=min_shots, accuracy=partial(vqa_accuracy, protocol=reward.vqa_protocol)
-                                ).accuracy
-        for q in query_ids
-    ]
+    oracle = pool_oracle(data, reward, pools, query_ids, max_shots=max_shots, min_shots=min_shots)
     results.add("oracle (pool)", max_shots, oracle)
     summary = {"selector": float(np.mean(own_accuracy)), "oracle": float(np.mean(oracle))}
     for method in BASELINES:
