@@ -128,10 +128,12 @@ def _train_history(entries: Sequence[Mapping]) -> list[dict]:
 
 
 def _state_files(output_dir: str) -> list[str]:
+    """The run's own trainer state and its newest checkpoint's (each holds the whole history up to its step)."""
     paths = [os.path.join(output_dir, STATE_FILE)]
     checkpoints = glob.glob(os.path.join(output_dir, "checkpoint-*", STATE_FILE))
-    checkpoints.sort(key=lambda p: int(re.search(r"checkpoint-(\d+)", p).group(1)))
-    return [p for p in paths + checkpoints[::-1] if os.path.isfile(p)]
+    if checkpoints:
+        paths.append(max(checkpoints, key=lambda p: int(re.search(r"checkpoint-(\d+)", p).group(1))))
+    return [p for p in paths if os.path.isfile(p)]
 
 
 def _flat_settings(mapping: Mapping) -> dict:
@@ -167,15 +169,13 @@ def load_run(output_dir: str, config: str | Mapping | None = None) -> RunLog:
     candidates = []
     metrics_path = os.path.join(output_dir, METRICS_FILE)
     if os.path.isfile(metrics_path):
-        candidates.append((metrics_path, _train_history(_read_jsonl(metrics_path)), False))
+        candidates.append((metrics_path, _train_history(_read_jsonl(metrics_path))))
     finished = False
     for path in _state_files(output_dir):
         with open(path) as f:
-            state = json.load(f)
-        history = state.get("log_history", [])
-        done = any("train_runtime" in e for e in history)
-        candidates.append((path, _train_history(history), done))
-        finished = finished or done
+            history = json.load(f).get("log_history", [])
+        finished = finished or any("train_runtime" in e for e in history)
+        candidates.append((path, _train_history(history)))
     candidates = [c for c in candidates if c[1]]
     if not candidates:
         raise FileNotFoundError(
@@ -183,7 +183,7 @@ def load_run(output_dir: str, config: str | Mapping | None = None) -> RunLog:
             f"checkpoint-*/{STATE_FILE} with a non-empty log history"
         )
     # The source reaching the latest step wins; on a tie the first listed (metrics.jsonl, then the run's own state).
-    source, history, _ = max(candidates, key=lambda c: (_step_of(c[1][-1]), -candidates.index(c)))
+    source, history = max(candidates, key=lambda c: _step_of(c[1][-1]))  # max keeps the first of equals
 
     summary = {}
     summary_path = os.path.join(output_dir, SUMMARY_FILE)
@@ -194,7 +194,7 @@ def load_run(output_dir: str, config: str | Mapping | None = None) -> RunLog:
     config_path = os.path.join(output_dir, CONFIG_FILE)
     if os.path.isfile(config_path):
         settings, settings_source = _read_config(config_path), config_path
-    elif summary:
+    elif _flat_settings(summary):  # settings written into the summary by other tools
         settings, settings_source = _flat_settings(summary), summary_path
     if config is not None:
         settings.update(_read_config(config))
@@ -206,10 +206,15 @@ def load_run(output_dir: str, config: str | Mapping | None = None) -> RunLog:
 # Numbers.
 
 
+def _number(value) -> float | None:
+    """A logged value as a float when it is a finite real number (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
 def _values(history: Sequence[Mapping], key: str) -> np.ndarray:
-    out = [float(e[key]) for e in history if isinstance(e.get(key), (int, float)) and not isinstance(e.get(key), bool)]
-    array = np.array(out, dtype=float)
-    return array[np.isfinite(array)]
+    return np.array([v for v in (_number(e.get(key)) for e in history) if v is not None], dtype=float)
 
 
 def _mean(history, key) -> float | None:
@@ -225,30 +230,30 @@ def _steps_covered(history: Sequence[Mapping]) -> list[int]:
 
 def _total_over_steps(history: Sequence[Mapping], key: str) -> float | None:
     """Sum over steps of a per-step quantity logged as a mean over each logging window."""
-    pairs = [(float(e[key]), n) for e, n in zip(history, _steps_covered(history), strict=True)
-             if isinstance(e.get(key), (int, float)) and math.isfinite(float(e[key]))]
+    pairs = [(_number(e.get(key)), n) for e, n in zip(history, _steps_covered(history), strict=True)
+             if _number(e.get(key)) is not None]
     return float(sum(v * n for v, n in pairs)) if pairs else None
 
 
 def _last_value(history: Sequence[Mapping], key: str) -> float | None:
     """The last logged value of a running total."""
-    values = [float(e[key]) for e in history if isinstance(e.get(key), (int, float))]
-    return values[-1] if values else None
+    values = _values(history, key)
+    return float(values[-1]) if values.size else None
 
 
 def _beta_per_entry(history: Sequence[Mapping], beta: float | None) -> list[float | None]:
-    return [float(e["kl_beta"]) if isinstance(e.get("kl_beta"), (int, float)) else beta for e in history]
+    return [b if (b := _number(e.get("kl_beta"))) is not None else beta for e in history]
 
 
-def _summary_number(summary: Mapping, *names: str) -> float | None:
-    for name in names:
-        for key, value in summary.items():
-            if key == name and isinstance(value, (int, float)):
-                return float(value)
-            if isinstance(value, Mapping):
-                found = _summary_number(value, name)
-                if found is not None:
-                    return found
+def _summary_number(summary: Mapping, name: str) -> float | None:
+    """The first number called `name` in a (possibly nested) summary."""
+    for key, value in summary.items():
+        if key == name and _number(value) is not None:
+            return _number(value)
+        if isinstance(value, Mapping):
+            found = _summary_number(value, name)
+            if found is not None:
+                return found
     return None
 
 
@@ -263,21 +268,21 @@ def run_averages(run: RunLog) -> dict:
     if beta is None and not kl_logged:
         beta = 0.0  # TRL logs `kl` whenever beta != 0
     terms, policies = [], []
-    for entry, b in zip(history, _beta_per_entry(history, beta), strict=True):
-        if not isinstance(entry.get("loss"), (int, float)):
+    beta_per_entry = _beta_per_entry(history, beta)
+    for entry, b in zip(history, beta_per_entry, strict=True):
+        loss = _number(entry.get("loss"))
+        if loss is None or b is None:
             continue
-        kl = float(entry.get("kl", 0.0) or 0.0)
-        if b is None:
-            continue
+        kl = _number(entry.get("kl")) or 0.0
         terms.append(b * kl)
-        policies.append(abs(float(entry["loss"]) - b * kl))
+        policies.append(abs(loss - b * kl))
     out["kl_term"] = float(np.mean(terms)) if terms else None
     out["policy_loss_abs"] = float(np.mean(policies)) if policies else None
     if terms and (out["kl_term"] + out["policy_loss_abs"]) > 0:
         out["kl_share_of_loss"] = out["kl_term"] / (out["kl_term"] + out["policy_loss_abs"])
     else:
         out["kl_share_of_loss"] = 0.0 if terms else None
-    betas = [b for b in _beta_per_entry(history, beta) if b is not None]
+    betas = [b for b in beta_per_entry if b is not None]
     kl_mean, adv_std = out["kl"], out["advantages/std"]
     if betas and adv_std is not None:
         kl_weight = float(np.mean(betas)) * math.sqrt(2 * kl_mean) if kl_mean else 0.0
@@ -308,7 +313,7 @@ def reward_trend(history: Sequence[Mapping]) -> dict | None:
     """Least-squares slope of the logged reward against the step, per 100 steps, with its 95% t interval."""
     from .evaluation import student_t_ppf
 
-    points = [(_step_of(e), float(e["reward"])) for e in history if isinstance(e.get("reward"), (int, float))]
+    points = [(_step_of(e), _number(e.get("reward"))) for e in history if _number(e.get("reward")) is not None]
     if len(points) < 3:
         return None
     x, y = np.array(points, dtype=float).T
@@ -423,7 +428,7 @@ def diagnose(run: RunLog) -> Diagnosis:
     cause = None
     if adv_std is not None and contrast is not None and g:
         m2 = contrasted_row_m2(mode, g, within_contrasted, min_std)
-        ideal = contrasted_row_m2(mode, g) if mode in ("zscore", "batch", "rank") else None
+        ideal = contrasted_row_m2(mode, g)  # None for mean / rloo without a reward std
         factors = {"flat groups": math.sqrt(contrast)}
         parts = [f"advantages/std = {_fmt(adv_std)} ({mode or 'unknown'} mode, G = {g})"]
         if ideal is not None:
