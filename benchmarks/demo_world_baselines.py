@@ -35,7 +35,7 @@ import numpy as np
 from trl_icd.data.demo import build_demo_world
 from trl_icd.data.demo_calibration import calibration_table, measure_regime
 from trl_icd.data.features import fallback_features
-from trl_icd.data.samplers import sample_candidate_pools
+from trl_icd.data.samplers import nearest_first, sample_candidate_pools
 from trl_icd.evaluation import EvaluationResults, markdown_comparison_table, markdown_table, plot_accuracy_vs_shots
 from trl_icd.metrics import vqa_accuracy
 from trl_icd.rewards.prompt import InContextPrompt
@@ -57,11 +57,6 @@ def parse_args(argv=None):
     parser.add_argument("--probe_steps", type=int, default=300)
     parser.add_argument("--output_dir", default=None, help="write results.json / results.md / accuracy_vs_shots.png")
     return parser.parse_args(argv)
-
-
-def nearest_first(table: np.ndarray, row: int, rows: list[int]) -> list[int]:
-    """Positions in `rows` by similarity to the query row, most similar first (ties by position)."""
-    return list(np.argsort(-(table[rows] @ table[row]), kind="stable"))
 
 
 def train_probe(corpus, features, pools: dict, steps: int, seed: int = 0):

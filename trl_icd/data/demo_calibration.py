@@ -22,8 +22,6 @@ research system drew them (K random training items per query):
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-
 import numpy as np
 
 # Published figures for Qwen2.5-VL-3B-Instruct on OK-VQA (../shared/reference/numbers_and_metrics.md §1.3 and
@@ -45,40 +43,11 @@ OKVQA_TARGETS: Mapping[str, Mapping] = {
 }
 
 
-@dataclass(frozen=True)
-class Scored:
-    """Components of one (query, demonstrations) pair."""
-
-    soft: float
-    hard: float
-    gt_prob: float
-    rel: float
-
-
-def score_pairs(backend, pairs: Sequence[tuple]) -> list[Scored]:
-    """Reward components of (query item, demo items) pairs under `backend` (one batched call)."""
-    from ..rewards.components import distinct_gold_answers, reward_components
-    from ..rewards.prompt import InContextPrompt
-
-    prompts = [InContextPrompt(query, tuple(demos)) for query, demos in pairs]
-    golds = [distinct_gold_answers(list(query.answers)) for query, _ in pairs]
-    answers, logprobs = backend.answer_and_logprob(prompts, golds)
-    out = []
-    for (query, _), answer, gold, lps in zip(pairs, answers, golds, logprobs, strict=True):
-        c = reward_components(answer, list(query.answers), dict(zip(gold, lps, strict=True)))
-        out.append(Scored(c["soft"], c["hard"], c["gt_prob"], c["rel"]))
-    return out
-
-
-def _reward(scored: Scored, mode: str) -> float:
+def _reward(components: Mapping, mode: str) -> float:
     from ..rewards.shaping import shape_reward
 
     weights = {"hard_plus_gtprob_plus_rel": dict(hard_weight=1.0, soft_weight=0.5, rel_weight=0.3)}.get(mode, {})
-    return shape_reward(scored.__dict__, mode=mode, **weights)
-
-
-def _ranked_by_similarity(table: np.ndarray, query_row: int, rows: Sequence[int]) -> list[int]:
-    return list(np.argsort(-(table[list(rows)] @ table[query_row]), kind="stable"))
+    return shape_reward(components, mode=mode, **weights)
 
 
 def measure_regime(
@@ -97,12 +66,18 @@ def measure_regime(
     Returns a JSON-able dict: `random` {shots: interval dict}, `rl_data`, `queries`, `pool`, `groups` and `meta`."""
     from ..evaluation import mean_ci
     from ..metrics import vqa_accuracy
+    from ..rewards.in_context import InContextReward
     from ..rewards.simulated import SimulatedBackend
     from .features import fallback_features
-    from .samplers import sample_candidate_pools
+    from .samplers import nearest_first, sample_candidate_pools
 
     backend = backend if backend is not None else SimulatedBackend.for_world(world)
     corpus = world.corpus
+    reward = InContextReward(corpus, backend)  # its components, scored the way training scores them
+
+    def score_pairs(pairs: Sequence[tuple]) -> list[dict]:
+        return reward.score_pairs([(query.id, [d.id for d in demos]) for query, demos in pairs])
+
     queries = world.ids(split)[:num_queries] if num_queries else world.ids(split)
     if not queries:
         raise ValueError(f"no queries in split {split!r}")
@@ -120,7 +95,7 @@ def measure_regime(
     random_cells = {}
     for shots in range(5):
         pairs = [(corpus[q], draw[4 - shots :]) for q, draw in zip(queries, draws, strict=True)]
-        random_cells[shots] = [s.soft for s in score_pairs(backend, pairs)]
+        random_cells[shots] = [s["soft"] for s in score_pairs(pairs)]
 
     # RL-data-style 2-shot sequences; GRPO-like groups of random 2-shot selections; exact pool bounds.
     sequences, owners, groups = [], [], []
@@ -128,7 +103,7 @@ def measure_regime(
     worst = lambda prediction, answers: 1.0 - vqa_accuracy(prediction, answers)  # noqa: E731
     for qi, q in enumerate(queries):
         query, pool = corpus[q], [corpus[c] for c in pools[q]]
-        ranked = _ranked_by_similarity(table, corpus.row_of(q), [corpus.row_of(c) for c in pools[q]])
+        ranked = nearest_first(table, corpus.row_of(q), [corpus.row_of(c) for c in pools[q]])
         seqs = {tuple(reversed([pool[j].id for j in ranked[2 * r : 2 * r + 2]])) for r in range(num_retrieval)}
         while len(seqs) < num_retrieval + num_random_pairs:
             seqs.add(tuple(pool[j].id for j in rng.choice(len(pool), 2, replace=False)))
@@ -142,11 +117,11 @@ def measure_regime(
         rescuable.append(best > 0)
         spoilable.append(backend.oracle_accuracy(query, pool, max_shots=4, accuracy=worst).accuracy >= 1.0)
 
-    seq_scores = score_pairs(backend, sequences)
-    acc = np.array([s.soft for s in seq_scores])
+    seq_scores = score_pairs(sequences)
+    acc = np.array([s["soft"] for s in seq_scores])
     owners = np.array(owners)
     per_query_right = [acc[owners == qi] > 0 for qi in range(len(queries))]
-    group_scores = score_pairs(backend, groups)
+    group_scores = score_pairs(groups)
 
     def flat_share(mode: str) -> tuple[float, float]:
         rewards = np.array([_reward(s, mode) for s in group_scores]).reshape(-1, group_size)
@@ -181,8 +156,8 @@ def measure_regime(
     for mode in ("hard_only", "hard_plus_soft", "hard_plus_gtprob_plus_rel"):
         flat, within = flat_share(mode)
         figures["groups"][mode] = {"flat": flat, "within_group_std": within}
-    soft = np.array([s.soft for s in group_scores]).reshape(-1, group_size)
-    gt_prob = np.array([s.gt_prob for s in group_scores]).reshape(-1, group_size)
+    soft = np.array([s["soft"] for s in group_scores]).reshape(-1, group_size)
+    gt_prob = np.array([s["gt_prob"] for s in group_scores]).reshape(-1, group_size)
     flat_rows = soft.max(1) == soft.min(1)
     figures["groups"]["gt_prob_std_in_flat_groups"] = float(gt_prob[flat_rows].std(1, ddof=1).mean())
     figures["groups"]["gt_prob_mean_in_flat_groups"] = float(gt_prob[flat_rows].mean())
@@ -229,4 +204,4 @@ def calibration_table(figures: Mapping) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["OKVQA_TARGETS", "calibration_table", "measure_regime", "score_pairs"]
+__all__ = ["OKVQA_TARGETS", "calibration_table", "measure_regime"]

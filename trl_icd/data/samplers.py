@@ -250,6 +250,12 @@ def _check_features(corpus: Corpus, features: FeatureTable | None, method: str, 
     features.check_aligned(corpus)
 
 
+def nearest_first(table: np.ndarray, row: int, rows: Sequence[int]) -> list[int]:
+    """Positions in `rows` ranked by similarity (dot product) of their `table` rows to `table[row]`, most similar
+    first, ties by position: the order similarity retrieval (RICES) takes demonstrations in."""
+    return list(np.argsort(-(table[list(rows)] @ table[row]), kind="stable"))
+
+
 def sample_candidate_pools(
     corpus: Corpus,
     features: FeatureTable | None,
