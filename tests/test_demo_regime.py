@@ -59,6 +59,9 @@ def test_preset_sets_world_and_rule():
         build_demo_world(DemoWorldConfig(), preset="okvqa_like")
     with pytest.raises(ValueError, match="unknown demo preset"):
         DemoWorldConfig(preset="nope")
+    assert world.config == DemoWorldConfig.from_preset("okvqa_like", num_train=200, num_eval=50, num_test=0)
+    with pytest.raises(ValueError, match="unknown demo preset"):
+        DemoWorldConfig.from_preset("nope")
 
 
 def test_known_items_answer_right_at_zero_shots():

@@ -168,8 +168,10 @@ class DemoWorldConfig:
     )
     preset: str = field(
         default="default",
-        metadata={"help": "The `DEMO_PRESETS` entry these settings start from; it also names the simulator rule "
-                          "(`SimulatedBackend.for_world`)."},
+        metadata={"help": "The `DEMO_PRESETS` regime of this world: it names the simulator rule "
+                          "(`SimulatedBackend.for_world`). `DemoWorldConfig.from_preset` (and "
+                          "`build_demo_world(preset=...)`) also start the other settings from it; setting only this "
+                          "field keeps them."},
     )
 
     def __post_init__(self):
@@ -199,8 +201,18 @@ class DemoWorldConfig:
             raise ValueError("known_fraction must be in [0, 1]")
         if self.confidence_median <= 0 or self.confidence_spread < 0:
             raise ValueError("confidence_median must be positive and confidence_spread non-negative")
-        if self.preset not in DEMO_PRESETS:
-            raise ValueError(f"unknown demo preset {self.preset!r}; known: {sorted(DEMO_PRESETS)}")
+        _check_preset(self.preset)
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides) -> DemoWorldConfig:
+        """The settings of the `DEMO_PRESETS` regime `preset`, with keyword overrides on top."""
+        _check_preset(preset)
+        return cls(**{**DEMO_PRESETS[preset].world, "preset": preset, **overrides})
+
+
+def _check_preset(name: str) -> None:
+    if name not in DEMO_PRESETS:
+        raise ValueError(f"unknown demo preset {name!r}; known: {sorted(DEMO_PRESETS)}")
 
 
 @dataclass(frozen=True)
@@ -471,9 +483,7 @@ def build_demo_world(config: DemoWorldConfig | None = None, preset: str | None =
     if preset is not None:
         if config is not None:
             raise ValueError("pass either a DemoWorldConfig or a preset name, not both")
-        if preset not in DEMO_PRESETS:
-            raise ValueError(f"unknown demo preset {preset!r}; known: {sorted(DEMO_PRESETS)}")
-        config = DemoWorldConfig(**{**DEMO_PRESETS[preset].world, "preset": preset, **overrides})
+        config = DemoWorldConfig.from_preset(preset, **overrides)
     elif config is None:
         config = DemoWorldConfig(**overrides)
     elif overrides:
