@@ -194,7 +194,7 @@ def main(argv=None) -> EvaluationResults:
           f"{oracle_seconds / max(oracle_calls, 1) * 1e3:.2f} ms/query")
     if args.calibration:
         begin = time.perf_counter()
-        figures = measure_regime(world, backend, seed=args.seed)
+        figures = measure_regime(world, backend, seed=args.seed, features=features)
         print(f"\n## Calibration against Qwen2.5-VL-3B on OK-VQA ({figures['meta']['queries']} queries, random pools "
               f"of K={figures['meta']['pool_size']}, {time.perf_counter() - begin:.1f} s)\n")
         print(calibration_table(figures))

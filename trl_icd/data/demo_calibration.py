@@ -60,9 +60,11 @@ def measure_regime(
     num_random_pairs: int = 6,
     seed: int = 0,
     split: str = "val",
+    features=None,
 ) -> dict:
     """The regime's calibration figures (module docstring) on the first `num_queries` queries of `split`.
 
+    `features`: the world's `FeatureTable` if the caller has it (default: `fallback_features` of the corpus).
     Returns a JSON-able dict: `random` {shots: interval dict}, `rl_data`, `queries`, `pool`, `groups` and `meta`."""
     from ..evaluation import mean_ci
     from ..metrics import vqa_accuracy
@@ -82,7 +84,7 @@ def measure_regime(
     if not queries:
         raise ValueError(f"no queries in split {split!r}")
     train = world.ids("train")
-    features = fallback_features(corpus, show_progress=False)
+    features = features if features is not None else fallback_features(corpus, show_progress=False)
     table = features.combined()
     pools = sample_candidate_pools(corpus, features, queries, train, pool_size, method="random", seed=seed,
                                    show_progress=False)
@@ -99,7 +101,7 @@ def measure_regime(
 
     # RL-data-style 2-shot sequences; GRPO-like groups of random 2-shot selections; exact pool bounds.
     sequences, owners, groups = [], [], []
-    rescuable, spoilable, oracle = [], [], []
+    spoilable, oracle = [], []
     worst = lambda prediction, answers: 1.0 - vqa_accuracy(prediction, answers)  # noqa: E731
     for qi, q in enumerate(queries):
         query, pool = corpus[q], [corpus[c] for c in pools[q]]
@@ -112,9 +114,7 @@ def measure_regime(
             owners.append(qi)
         for _ in range(group_size):
             groups.append((query, [pool[j] for j in rng.choice(len(pool), 2, replace=False)]))
-        best = backend.oracle_accuracy(query, pool, max_shots=4).accuracy
-        oracle.append(best)
-        rescuable.append(best > 0)
+        oracle.append(backend.oracle_accuracy(query, pool, max_shots=4).accuracy)
         spoilable.append(backend.oracle_accuracy(query, pool, max_shots=4, accuracy=worst).accuracy >= 1.0)
 
     seq_scores = score_pairs(sequences)
@@ -142,7 +142,7 @@ def measure_regime(
             "all_right": float(np.mean([r.all() for r in per_query_right])),
         },
         "pool": {
-            "no_selection_right": float(1 - np.mean(rescuable)),
+            "no_selection_right": float(1 - np.mean(np.array(oracle) > 0)),
             "no_selection_wrong": float(1 - np.mean(spoilable)),
             "oracle": float(np.mean(oracle)),
             "helped_by_best_selection": float(np.mean(np.array(oracle) > zero_shot)),
